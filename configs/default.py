@@ -1,0 +1,95 @@
+"""Every knob of patch_diffusion, with its default. Experiment files import this and override.
+
+Sizes are in pixels (or latent pixels), counts of images in kimg (thousands of *counted* images:
+a step at patch size s counts ``batch_size * batch_mul(s)`` images, METHOD.md §1).
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # base seed: model init, patch-size schedule, data order, step keys. Never random.
+
+  # ---- data -----------------------------------------------------------------------------------
+  c.data = d = ml_collections.ConfigDict()
+  d.name = "digits"           # 'digits' (embedded), a TFDS name ('celeb_a', 'cifar10', ...) or 'folder'
+  d.folder = ""               # image folder for name='folder' (converted once to ArrayRecord in data_dir)
+  d.data_dir = ""             # TFDS data dir; '' = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+  d.split = "train"
+  d.resolution = 32           # R: full training resolution (square)
+  d.num_channels = 3          # C: image channels fed to the network (digits are replicated to 3)
+  d.xflip = False             # random horizontal flip of the full image
+  d.max_examples = 0          # >0: train on the first N images only (data-efficiency setting)
+  d.use_labels = False        # condition on class labels (one-hot)
+  d.num_workers = 0           # grain worker processes per host (0 = in-process)
+  d.prefetch = 2              # grain read-ahead (batches)
+
+  # ---- network ----------------------------------------------------------------------------------
+  c.model = m = ml_collections.ConfigDict()
+  m.arch = "ddpmpp"           # ddpmpp | ncsnpp | adm
+  m.model_channels = 128
+  m.channel_mult = (1, 2, 2, 2)
+  m.channel_mult_emb = 4
+  m.channel_mult_noise = 1
+  m.num_blocks = 4
+  m.attn_resolutions = (16,)  # nominal resolutions R >> level that get attention
+  m.dropout = 0.10
+  m.embedding_type = "positional"  # positional | fourier
+  m.encoder_type = "standard"       # standard | skip | residual
+  m.decoder_type = "standard"       # standard | skip
+  m.resample_filter = (1, 1)
+  m.augment_dim = 0
+  m.dtype = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
+
+  # ---- preconditioning and loss ----------------------------------------------------------------
+  c.edm = e = ml_collections.ConfigDict()
+  e.precond = "edm"           # edm | vp | ve
+  e.sigma_data = 0.5
+  e.P_mean = -1.2
+  e.P_std = 1.2
+  e.label_dropout = 0.0       # probability of the zero label (classifier-free guidance), e.g. 0.1
+
+  # ---- patches ----------------------------------------------------------------------------------
+  c.patch = p = ml_collections.ConfigDict()
+  p.schedule = "stochastic"   # stochastic | progressive | full
+  p.real_p = 0.5              # probability of a full-size step (stochastic schedule)
+  p.latent = False            # latent-space size set {R/2, R} instead of {R/4, R/2, R}
+
+  # ---- optimisation -------------------------------------------------------------------------------
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 256          # global images per full-size step (smaller patches draw batch_mul x more)
+  t.total_kimg = 200_000      # training length in counted kimg
+  t.lr = 2e-4
+  t.lr_rampup_kimg = 10_000
+  t.adam_b1 = 0.9
+  t.adam_b2 = 0.999
+  t.adam_eps = 1e-8
+  t.ema_halflife_kimg = 500.0
+  t.ema_rampup_ratio = 0.05   # EMA half-life ramp: min(h, ratio * nimg); 0/None disables
+  t.log_every_steps = 100
+  t.checkpoint_every_steps = 5000
+  t.keep_checkpoints = 3
+  t.sample_every_steps = 10_000  # PNG/TensorBoard grid from the EMA network; 0 disables
+  t.grid_size = 64               # images in a sample grid
+
+  # ---- sampling -----------------------------------------------------------------------------------
+  c.sample = s = ml_collections.ConfigDict()
+  s.solver = "heun"           # heun | euler
+  s.num_steps = 18
+  s.sigma_min = 0.002
+  s.sigma_max = 80.0
+  s.rho = 7.0
+  s.S_churn = 0.0
+  s.S_min = 0.0
+  s.S_max = float("inf")
+  s.S_noise = 1.0
+  s.guidance = 1.0            # classifier-free guidance weight w (1 = off)
+  s.num_samples = 1000        # --mode=sample
+  s.batch_size = 256          # global images per sampling batch (bounds memory)
+  s.checkpoint_step = -1      # -1 = latest
+
+  # ---- device mesh --------------------------------------------------------------------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1,)        # -1 = all devices
+  c.mesh.axes = ("data",)
+  return c

@@ -1,0 +1,129 @@
+"""Network preconditioning of EDM (Karras et al. 2022, Table 1) for patch-wise denoisers.
+
+A *network function* ``net_fn(x_in, c_noise, class_labels) -> F`` maps the scaled noisy image concatenated
+with the coordinate channels (NHWC, ``C + 2`` channels) and the noise label ``c_noise`` (shape ``[N]``) to
+the raw network output ``F`` (NHWC, ``C`` channels). ``denoise`` wraps it into the denoiser
+``D(x; σ) = c_skip·x + c_out·F(concat[c_in·x, x_pos], c_noise)``. The coordinates are *not* scaled by
+``c_in``: they are a location signal, not part of the noisy signal.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax.numpy as jnp
+
+NetFn = Callable[[jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray]], jnp.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Coefficients:
+  """Per-sample preconditioning coefficients, each broadcastable to ``[N, 1, 1, 1]``."""
+  c_skip: jnp.ndarray
+  c_out: jnp.ndarray
+  c_in: jnp.ndarray
+  c_noise: jnp.ndarray  # shape [N]
+
+
+@dataclasses.dataclass(frozen=True)
+class EDMPrecond:
+  """EDM preconditioning with σ_data (0.5 for images in [-1, 1])."""
+  sigma_data: float = 0.5
+  sigma_min: float = 0.0
+  sigma_max: float = float("inf")
+
+  def coefficients(self, sigma: jnp.ndarray) -> Coefficients:
+    sigma = jnp.reshape(sigma, (-1, 1, 1, 1))
+    sd2 = self.sigma_data**2
+    return Coefficients(
+        c_skip=sd2 / (sigma**2 + sd2),
+        c_out=sigma * self.sigma_data / jnp.sqrt(sigma**2 + sd2),
+        c_in=1.0 / jnp.sqrt(sigma**2 + sd2),
+        c_noise=jnp.log(sigma).reshape(-1) / 4.0,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class VPPrecond:
+  """Variance-preserving preconditioning (Song et al. 2021) as re-expressed by EDM."""
+  beta_d: float = 19.9
+  beta_min: float = 0.1
+  M: int = 1000
+  epsilon_t: float = 1e-5
+
+  def sigma(self, t):
+    t = jnp.asarray(t)
+    return jnp.sqrt(jnp.exp(0.5 * self.beta_d * t**2 + self.beta_min * t) - 1.0)
+
+  def sigma_inv(self, sigma):
+    sigma = jnp.asarray(sigma)
+    return (jnp.sqrt(self.beta_min**2 + 2 * self.beta_d * jnp.log1p(sigma**2)) - self.beta_min) / self.beta_d
+
+  @property
+  def sigma_min(self) -> float:
+    return float(self.sigma(self.epsilon_t))
+
+  @property
+  def sigma_max(self) -> float:
+    return float(self.sigma(1.0))
+
+  def coefficients(self, sigma: jnp.ndarray) -> Coefficients:
+    sigma = jnp.reshape(sigma, (-1, 1, 1, 1))
+    return Coefficients(
+        c_skip=jnp.ones_like(sigma),
+        c_out=-sigma,
+        c_in=1.0 / jnp.sqrt(sigma**2 + 1.0),
+        c_noise=((self.M - 1) * self.sigma_inv(sigma)).reshape(-1),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class VEPrecond:
+  """Variance-exploding preconditioning (Song et al. 2021) as re-expressed by EDM."""
+  sigma_min: float = 0.02
+  sigma_max: float = 100.0
+
+  def coefficients(self, sigma: jnp.ndarray) -> Coefficients:
+    sigma = jnp.reshape(sigma, (-1, 1, 1, 1))
+    return Coefficients(
+        c_skip=jnp.ones_like(sigma),
+        c_out=sigma,
+        c_in=jnp.ones_like(sigma),
+        c_noise=jnp.log(0.5 * sigma).reshape(-1),
+    )
+
+
+Precond = EDMPrecond | VPPrecond | VEPrecond
+
+
+def get_precond(name: str, sigma_data: float = 0.5) -> Precond:
+  """Returns the preconditioning named ``edm``, ``vp`` or ``ve``."""
+  if name == "edm":
+    return EDMPrecond(sigma_data=sigma_data)
+  if name == "vp":
+    return VPPrecond()
+  if name == "ve":
+    return VEPrecond()
+  raise ValueError(f"unknown preconditioning {name!r}; expected one of 'edm', 'vp', 've'")
+
+
+def denoise(precond: Precond, net_fn: NetFn, x: jnp.ndarray, sigma: jnp.ndarray,
+            x_pos: jnp.ndarray, class_labels: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """The preconditioned denoiser D(x; σ).
+
+  Args:
+    precond: the preconditioning (EDM, VP or VE).
+    net_fn: raw network, ``(x_in [N,H,W,C+2], c_noise [N], class_labels [N,L] | None) -> [N,H,W,C]``.
+    x: noisy patches, NHWC float, ``C`` channels.
+    sigma: noise levels, shape ``[N]`` or scalar (broadcast to the batch).
+    x_pos: coordinate channels ``[N,H,W,2]`` (x = column, y = row, full image spans [-1, 1]).
+    class_labels: one-hot labels ``[N, L]`` or None for an unconditional network.
+
+  Returns:
+    Denoised patches, same shape and dtype as ``x``.
+  """
+  sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype).reshape(-1), (x.shape[0],))
+  c = precond.coefficients(sigma)
+  x_in = jnp.concatenate([c.c_in * x, x_pos.astype(x.dtype)], axis=-1)
+  f_x = net_fn(x_in, c.c_noise, class_labels)
+  return (c.c_skip * x + c.c_out * f_x.astype(x.dtype)).astype(x.dtype)
