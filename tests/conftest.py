@@ -7,14 +7,27 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
+import sys  # noqa: E402
+
+# Experiment configs (configs/*.py) import `configs.default`: the repository root must be importable.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+  sys.path.insert(0, str(ROOT))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+# Many tests compile the same tiny networks: a persistent cache shared by the xdist workers and by the
+# subprocesses they launch turns repeat compilations into disk reads.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), "patch_diffusion_test_jax_cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 #: Reference vectors from the official PyTorch code live beside the checkout.
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = ROOT.parent / "shared" / "fixtures"
 
 
 @pytest.fixture(scope="session")
