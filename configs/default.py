@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.xflip = False             # random horizontal flip of the full image
   d.max_examples = 0          # >0: train on the first N images only (data-efficiency setting)
   d.use_labels = False        # condition on class labels (one-hot)
+  d.num_classes = 0           # filled from the dataset when use_labels; read from converted networks
   d.num_workers = 0           # grain worker processes per host (0 = in-process)
   d.prefetch = 2              # grain read-ahead (batches)
 
@@ -40,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   m.resample_filter = (1, 1)
   m.augment_dim = 0
   m.dtype = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
+  # (networks, patch_diffusion/models/registry.py) True: arch ncsnpp/adm fill the fields above that are
+  # left at these default values with their EDM preset; False: every field is used verbatim.
+  m.arch_presets = True
 
   # ---- preconditioning and loss ----------------------------------------------------------------
   c.edm = e = ml_collections.ConfigDict()
@@ -58,9 +62,9 @@ def get_config() -> ml_collections.ConfigDict:
   # ---- optimisation -------------------------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 256          # global images per full-size step (smaller patches draw batch_mul x more)
-  t.total_kimg = 200_000      # training length in counted kimg
+  t.total_kimg = 200_000.0    # training length in counted kimg (float: fractions allowed)
   t.lr = 2e-4
-  t.lr_rampup_kimg = 10_000
+  t.lr_rampup_kimg = 10_000.0
   t.adam_b1 = 0.9
   t.adam_b2 = 0.999
   t.adam_eps = 1e-8
@@ -71,6 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.sample_every_steps = 10_000  # PNG/TensorBoard grid from the EMA network; 0 disables
   t.grid_size = 64               # images in a sample grid
+  t.final_num_samples = 0        # >0: write samples.npz with this many EMA samples after training
+  t.init_from = ""               # directory of a converted/pretrained network to fine-tune from
 
   # ---- sampling -----------------------------------------------------------------------------------
   c.sample = s = ml_collections.ConfigDict()
@@ -87,6 +93,19 @@ def get_config() -> ml_collections.ConfigDict:
   s.num_samples = 1000        # --mode=sample
   s.batch_size = 256          # global images per sampling batch (bounds memory)
   s.checkpoint_step = -1      # -1 = latest
+  s.pretrained = ""           # sample from a converted network directory instead of workdir checkpoints
+
+  # ---- evaluation (FID / KID / precision-recall with the TF-FID Inception-v3) -----------------------
+  c.eval = v = ml_collections.ConfigDict()
+  v.num_samples = 50_000      # --mode=eval: generated images (the paper's protocol)
+  v.batch_size = 256          # global images per generation / feature batch
+  v.every_kimg = 0.0          # in-training eval period in counted kimg; 0 disables
+  v.train_num_samples = 5_000  # images per in-training eval (smaller, cheaper than the final protocol)
+  v.ref_num_images = 0        # reference statistics over the first N training images; 0 = whole split
+  v.kid = True
+  v.precision_recall = True
+  v.inception_path = ""       # converted Inception weights (.npz) or a source; '' = default cache
+  v.checkpoint_step = -1      # --mode=eval: -1 = latest
 
   # ---- device mesh --------------------------------------------------------------------------------
   c.mesh = ml_collections.ConfigDict()

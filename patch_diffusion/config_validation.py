@@ -1,0 +1,63 @@
+"""Checks a config's values before anything is built, with messages that name the fix.
+
+Unknown keys and wrong types are rejected earlier by ``ml_collections`` (configs are locked and typed).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+ARCHS = ("ddpmpp", "ncsnpp", "adm")
+PRECONDS = ("edm", "vp", "ve")
+DTYPES = ("float32", "bfloat16")
+
+
+def _positive(value, name: str, allow_zero: bool = False) -> None:
+  if value is None or (value < 0 if allow_zero else value <= 0):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"{name} = {value!r} must be {bound}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ``ValueError`` naming the offending field for any invalid value."""
+  d, m, t, p, s, e = config.data, config.model, config.train, config.patch, config.sample, config.edm
+  _positive(d.resolution, "data.resolution")
+  _positive(d.num_channels, "data.num_channels")
+  _positive(d.max_examples, "data.max_examples", allow_zero=True)
+  if not 0.0 <= p.real_p <= 1.0:
+    raise ValueError(f"patch.real_p = {p.real_p} must lie in [0, 1] (probability of a full-size step)")
+  divisor = 2 if p.latent else 4
+  if d.resolution % divisor:
+    raise ValueError(f"data.resolution = {d.resolution}: the patch sizes R/{divisor}, R/2 must divide R "
+                     f"exactly; use a resolution divisible by {divisor}")
+  levels = len(m.channel_mult)
+  smallest = d.resolution // divisor if p.schedule != "full" else d.resolution
+  if smallest % (2 ** (levels - 1)):
+    raise ValueError(f"the smallest patch ({smallest} px) must be divisible by 2^(len(model.channel_mult)-1)"
+                     f" = {2 ** (levels - 1)} for the U-Net's downsampling; use fewer levels or a larger R")
+  if m.arch not in ARCHS:
+    raise ValueError(f"model.arch = {m.arch!r}; expected one of {ARCHS}")
+  if m.dtype not in DTYPES:
+    raise ValueError(f"model.dtype = {m.dtype!r}; expected one of {DTYPES}")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ValueError(f"model.dropout = {m.dropout} must lie in [0, 1)")
+  _positive(m.model_channels, "model.model_channels")
+  _positive(m.num_blocks, "model.num_blocks")
+  if e.precond not in PRECONDS:
+    raise ValueError(f"edm.precond = {e.precond!r}; expected one of {PRECONDS}")
+  if not 0.0 <= e.label_dropout < 1.0:
+    raise ValueError(f"edm.label_dropout = {e.label_dropout} must lie in [0, 1)")
+  _positive(e.sigma_data, "edm.sigma_data")
+  _positive(t.batch_size, "train.batch_size")
+  _positive(t.total_kimg, "train.total_kimg")
+  _positive(t.lr, "train.lr")
+  _positive(t.lr_rampup_kimg, "train.lr_rampup_kimg", allow_zero=True)
+  _positive(t.ema_halflife_kimg, "train.ema_halflife_kimg", allow_zero=True)
+  _positive(t.log_every_steps, "train.log_every_steps")
+  _positive(t.checkpoint_every_steps, "train.checkpoint_every_steps")
+  _positive(t.keep_checkpoints, "train.keep_checkpoints")
+  _positive(t.sample_every_steps, "train.sample_every_steps", allow_zero=True)
+  _positive(s.num_steps, "sample.num_steps")
+  _positive(s.num_samples, "sample.num_samples")
+  _positive(s.batch_size, "sample.batch_size")
+  if not 0 < s.sigma_min < s.sigma_max:
+    raise ValueError(f"need 0 < sample.sigma_min < sample.sigma_max, got {s.sigma_min}, {s.sigma_max}")

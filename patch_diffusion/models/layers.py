@@ -1,0 +1,428 @@
+"""Building blocks of the EDM networks (Karras et al. 2022, `training/networks.py`) in Flax Linen, NHWC.
+
+Every layer reproduces the arithmetic of its PyTorch counterpart exactly (up to float rounding), so
+that PyTorch checkpoints map one-to-one onto these modules (see ``torch_mapping.py``):
+
+* ``Linear``  — ``kernel`` [in, out] (PyTorch ``weight`` [out, in] transposed), optional ``bias``.
+* ``Conv2d``  — ``kernel`` [kh, kw, in, out] (PyTorch [out, in, kh, kw]), optional ``bias``, optional
+  2× up/down resampling with a fixed separable FIR filter (EDM's ``resample_filter`` buffer, which is a
+  constant here, not a variable), including EDM's fused resample paths and their padding rules.
+* ``GroupNorm`` — ``num_groups = min(32, C // 4)``, statistics in float32; ``scale``, ``bias``.
+* ``UNetBlock`` — the union of the DDPM++, NCSN++ and ADM residual blocks (additive or adaptive
+  scale/shift embedding, dropout, skip projection, multi-head self-attention).
+* ``PositionalEmbedding`` / ``FourierEmbedding`` — noise-level embeddings; the Fourier frequencies live
+  in the non-trainable ``'buffers'`` variable collection.
+
+Parameters are created in float32; the ``dtype`` attribute (or the input's dtype) is the compute dtype.
+Initialisers follow EDM's ``weight_init`` (xavier/kaiming, uniform/normal) with the same fan-in/fan-out
+and the same ``init_weight``/``init_bias`` factors, so training from scratch starts from the same
+distribution as EDM.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Any, Iterator, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+DType = Any
+
+
+# ------------------------------------------------------------------------------------------------
+# Initialisation.
+
+
+@dataclasses.dataclass(frozen=True)
+class Init:
+  """EDM's weight-initialisation recipe: ``weight_init(mode) * weight`` and ``weight_init(mode) * bias``.
+
+  Attributes:
+    mode: 'xavier_uniform' | 'xavier_normal' | 'kaiming_uniform' | 'kaiming_normal'.
+    weight: factor applied to the weight draw (EDM ``init_weight``).
+    bias: factor applied to the bias draw (EDM ``init_bias``; 0 gives zero biases).
+  """
+  mode: str = "kaiming_normal"
+  weight: float = 1.0
+  bias: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """How one variable is initialised: ``scale * U(-1, 1)``, ``scale * N(0, 1)`` or the constant ``scale``."""
+  kind: str  # 'uniform' | 'normal' | 'const'
+  scale: float
+
+
+_RECIPES: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("edm_init_recipes", default=None)
+
+
+@contextlib.contextmanager
+def recording_recipes() -> Iterator[dict]:
+  """Collects ``{(collection, *module_path, name): Recipe}`` for every variable created inside.
+
+  ``registry.init_params`` traces ``model.init`` under this context (shapes only) and then draws every
+  random variable from one uniform and one normal pool, which compiles in a fraction of the time of
+  one threefry draw per variable.
+  """
+  recipes: dict = {}
+  token = _RECIPES.set(recipes)
+  try:
+    yield recipes
+  finally:
+    _RECIPES.reset(token)
+
+
+def edm_recipe(mode: str, fan_in: int, fan_out: int, factor: float) -> Recipe:
+  """EDM's ``weight_init(shape, mode, fan_in, fan_out) * factor`` as a ``Recipe``."""
+  if mode == "xavier_uniform":
+    recipe = Recipe("uniform", math.sqrt(6.0 / (fan_in + fan_out)))
+  elif mode == "xavier_normal":
+    recipe = Recipe("normal", math.sqrt(2.0 / (fan_in + fan_out)))
+  elif mode == "kaiming_uniform":
+    recipe = Recipe("uniform", math.sqrt(3.0 / fan_in))
+  elif mode == "kaiming_normal":
+    recipe = Recipe("normal", math.sqrt(1.0 / fan_in))
+  else:
+    raise ValueError(f'invalid init mode "{mode}"')
+  if factor == 0:
+    return Recipe("const", 0.0)
+  return Recipe(recipe.kind, recipe.scale * factor)
+
+
+def recipe_initializer(recipe: Recipe):
+  """A Flax initializer ``init(key, shape, dtype)`` drawing from ``recipe``."""
+
+  def init(key, shape, dtype=jnp.float32):
+    if recipe.kind == "const":
+      return jnp.full(shape, recipe.scale, dtype)
+    if recipe.kind == "uniform":
+      draw = jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0)
+    else:
+      draw = jax.random.normal(key, shape, jnp.float32)
+    return (draw * recipe.scale).astype(dtype)
+
+  return init
+
+
+def make_param(module: nn.Module, name: str, recipe: Recipe, shape: tuple[int, ...]) -> Array:
+  """``module.param(name, ...)`` in float32, recording ``recipe`` when ``recording_recipes`` is active."""
+  recipes = _RECIPES.get()
+  if recipes is not None:
+    recipes[("params",) + tuple(module.scope.path) + (name,)] = recipe
+  return module.param(name, recipe_initializer(recipe), shape, jnp.float32)
+
+
+def edm_initializer(mode: str, fan_in: int, fan_out: int, factor: float):
+  """Returns ``init(key, shape, dtype)`` drawing EDM's ``weight_init(shape, mode, fan_in, fan_out) * factor``.
+
+  The fans are those of the PyTorch layer (conv: channels × kernel area), independent of the layout
+  of ``shape``, so a Flax kernel and its PyTorch counterpart have the same distribution.
+  """
+  return recipe_initializer(edm_recipe(mode, fan_in, fan_out, factor))
+
+
+# ------------------------------------------------------------------------------------------------
+# Resampling helpers (NHWC).
+
+
+def resample_filter_2d(taps: Sequence[float]) -> np.ndarray:
+  """EDM's 2-D resampling filter ``outer(f, f) / sum(f)**2`` as a float32 [k, k] array."""
+  f = np.asarray(taps, dtype=np.float32)
+  return np.outer(f, f) / np.square(f.sum())
+
+
+def _is_box2(taps: Sequence[float]) -> bool:
+  return len(taps) == 2 and float(taps[0]) == float(taps[1]) and float(taps[0]) != 0
+
+
+def _depthwise(x: Array, f2d: np.ndarray, *, stride: int, padding: int, lhs_dilation: int = 1) -> Array:
+  """Depthwise 2-D correlation of every channel of ``x`` [N,H,W,C] with the same [k,k] filter."""
+  c = x.shape[-1]
+  k = jnp.asarray(np.tile(f2d[:, :, None, None], (1, 1, 1, c)), x.dtype)  # HWIO, I=1 per group
+  return jax.lax.conv_general_dilated(
+      x, k, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
+      lhs_dilation=(lhs_dilation, lhs_dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=c)
+
+
+def downsample(x: Array, taps: Sequence[float], padding: int) -> Array:
+  """``conv2d(x, f, groups=C, stride=2, padding=padding)`` of EDM with ``f = resample_filter_2d(taps)``."""
+  h, w = x.shape[1], x.shape[2]
+  if _is_box2(taps) and padding == 0 and h % 2 == 0 and w % 2 == 0:
+    # The [1,1] filter is a 2x2 box average: a reshape + mean is exact and much cheaper than a
+    # grouped convolution on accelerators.
+    n, _, _, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+  return _depthwise(x, resample_filter_2d(taps), stride=2, padding=padding)
+
+
+def upsample(x: Array, taps: Sequence[float], padding: int) -> Array:
+  """``conv_transpose2d(x, 4 f, groups=C, stride=2, padding=padding)`` of EDM (f = ``resample_filter_2d``).
+
+  A stride-2 transposed convolution is a correlation of the 2×-dilated input with the flipped kernel,
+  padded by ``k - 1 - padding`` on each side.
+  """
+  f = resample_filter_2d(taps) * 4.0
+  k = f.shape[0]
+  if _is_box2(taps) and padding == 0:
+    # 4 * box filter = ones: every input pixel is copied to a 2x2 block (nearest upsampling).
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  if k - 1 - padding < 0:
+    raise ValueError(f"transposed-convolution padding {padding} too large for a {k}-tap filter")
+  return _depthwise(x, f[::-1, ::-1].copy(), stride=1, padding=k - 1 - padding, lhs_dilation=2)
+
+
+def _conv(x: Array, kernel: Array, padding: int) -> Array:
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding=[(padding, padding)] * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Layers.
+
+
+class Linear(nn.Module):
+  """Fully connected layer ``x @ kernel + bias``; computes in the input's dtype.
+
+  Attributes:
+    features: output features.
+    use_bias: whether to add a bias.
+    init: initialisation recipe (EDM defaults: kaiming_normal, weight 1, bias 0).
+  """
+  features: int
+  use_bias: bool = True
+  init: Init = Init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps ``x`` [..., in] to [..., features] in ``x.dtype``."""
+    fan_in, fan_out = x.shape[-1], self.features
+    kernel = make_param(self, "kernel", edm_recipe(self.init.mode, fan_in, fan_out, self.init.weight),
+                        (fan_in, fan_out))
+    y = x @ kernel.astype(x.dtype)
+    if self.use_bias:
+      bias = make_param(self, "bias", edm_recipe(self.init.mode, fan_in, fan_out, self.init.bias),
+                        (fan_out,))
+      y = y + bias.astype(x.dtype)
+    return y
+
+
+class Conv2d(nn.Module):
+  """EDM's convolution with optional 2× up/down resampling; NHWC, computes in the input's dtype.
+
+  ``kernel == 0`` gives a parameter-free resampler. Resampling uses the fixed FIR filter
+  ``outer(f, f) / sum(f)**2`` (``f = resample_filter``); the non-fused path resamples first, then
+  convolves; the fused paths (``fused_resample``, used by NCSN++'s residual encoder) follow EDM's padding
+  rules exactly. The fused *up* path uses the corrected padding of the Patch Diffusion code
+  (``max(f_pad - w_pad, 0)`` / ``max(w_pad - f_pad, 0)``), which keeps the output at 2H; no released
+  network uses it.
+
+  Attributes:
+    features: output channels.
+    kernel: square kernel size, 0 for none.
+    use_bias: whether to add a bias (only with a kernel).
+    up, down: 2× upsampling or downsampling (not both).
+    resample_filter: 1-D filter taps, e.g. (1, 1) or (1, 3, 3, 1).
+    fused_resample: EDM's fused conv+resample order.
+    init: initialisation recipe.
+  """
+  features: int
+  kernel: int
+  use_bias: bool = True
+  up: bool = False
+  down: bool = False
+  resample_filter: Sequence[float] = (1, 1)
+  fused_resample: bool = False
+  init: Init = Init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps ``x`` [N,H,W,in] to [N,H',W',features] (H' = 2H, H/2 or H)."""
+    if self.up and self.down:
+      raise ValueError("Conv2d cannot both upsample and downsample")
+    cin = x.shape[-1]
+    k = self.kernel
+    w = b = None
+    if k:
+      fan_in, fan_out = cin * k * k, self.features * k * k
+      w = make_param(self, "kernel", edm_recipe(self.init.mode, fan_in, fan_out, self.init.weight),
+                     (k, k, cin, self.features)).astype(x.dtype)
+      if self.use_bias:
+        b = make_param(self, "bias", edm_recipe(self.init.mode, fan_in, fan_out, self.init.bias),
+                       (self.features,)).astype(x.dtype)
+    elif cin != self.features:
+      raise ValueError(f"a kernel-free Conv2d cannot change channels ({cin} -> {self.features})")
+    taps = tuple(self.resample_filter)
+    if self.up or self.down:
+      # Lets torch_mapping find the PyTorch `resample_filter` buffers (only recorded when the
+      # 'intermediates' collection is mutable, e.g. during init; free otherwise).
+      self.sow("intermediates", "resample_filter", jnp.zeros((), jnp.float32))
+    w_pad = k // 2 if k else 0
+    f_pad = (len(taps) - 1) // 2 if (self.up or self.down) else 0
+
+    if self.fused_resample and self.up and w is not None:
+      x = upsample(x, taps, padding=max(f_pad - w_pad, 0))
+      x = _conv(x, w, padding=max(w_pad - f_pad, 0))
+    elif self.fused_resample and self.down and w is not None:
+      x = _conv(x, w, padding=w_pad + f_pad)
+      x = downsample(x, taps, padding=0)
+    else:
+      if self.up:
+        x = upsample(x, taps, padding=f_pad)
+      if self.down:
+        x = downsample(x, taps, padding=f_pad)
+      if w is not None:
+        x = _conv(x, w, padding=w_pad)
+    if b is not None:
+      x = x + b
+    return x
+
+
+class GroupNorm(nn.Module):
+  """Group normalisation with EDM's group count ``min(num_groups, C // min_channels_per_group)``.
+
+  Statistics (biased variance) are computed in float32 whatever the input dtype; the output has the
+  input's dtype. Channel ``c`` belongs to group ``c // (C / G)``, as in PyTorch.
+  """
+  num_groups: int = 32
+  min_channels_per_group: int = 4
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Normalises ``x`` [N,H,W,C] per sample and group."""
+    c = x.shape[-1]
+    g = min(self.num_groups, c // self.min_channels_per_group)
+    if g < 1 or c % g:
+      raise ValueError(f"GroupNorm: {c} channels cannot be split into {g} groups")
+    scale = make_param(self, "scale", Recipe("const", 1.0), (c,))
+    bias = make_param(self, "bias", Recipe("const", 0.0), (c,))
+    x32 = x.astype(jnp.float32)
+    xg = x32.reshape(x.shape[:-1] + (g, c // g))
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    mean = xg.mean(axis=axes, keepdims=True)
+    var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
+    y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+    return (y * scale + bias).astype(x.dtype)
+
+
+class PositionalEmbedding(nn.Module):
+  """Sinusoidal embedding ``[cos(x f), sin(x f)]``, ``f_i = (1/max_positions)^(i / (n/2 - endpoint))``."""
+  num_channels: int
+  max_positions: int = 10000
+  endpoint: bool = False
+
+  def __call__(self, x: Array) -> Array:
+    """Maps ``x`` [N] (float32 noise labels) to [N, num_channels] float32."""
+    half = self.num_channels // 2
+    freqs = np.arange(half, dtype=np.float32) / (half - (1 if self.endpoint else 0))
+    freqs = (1.0 / self.max_positions) ** freqs
+    x = jnp.outer(x.astype(jnp.float32), jnp.asarray(freqs, jnp.float32))
+    return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
+
+
+class FourierEmbedding(nn.Module):
+  """Random Fourier features ``[cos(2π x f), sin(2π x f)]`` with fixed ``f ~ N(0, scale²)`` (NCSN++).
+
+  The frequencies are a non-trainable variable ``buffers/.../freqs`` [num_channels // 2], drawn from
+  the ``'params'`` RNG at init and loaded from checkpoints (PyTorch ``map_noise.freqs``).
+  """
+  num_channels: int
+  scale: float = 16.0
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Maps ``x`` [N] (float32 noise labels) to [N, num_channels] float32."""
+    recipe = Recipe("normal", float(self.scale))
+    recipes = _RECIPES.get()
+    if recipes is not None:
+      recipes[("buffers",) + tuple(self.scope.path) + ("freqs",)] = recipe
+    freqs = self.variable("buffers", "freqs", lambda: recipe_initializer(recipe)(
+        self.make_rng("params"), (self.num_channels // 2,), jnp.float32))
+    x = jnp.outer(x.astype(jnp.float32), (2 * np.pi) * freqs.value.astype(jnp.float32))
+    return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=1)
+
+
+class UNetBlock(nn.Module):
+  """EDM's unified U-Net block (DDPM++, NCSN++ and ADM residual blocks with optional attention).
+
+  ``x -> conv0(silu(norm0(x)))``, embedding added (``adaptive_scale=False``: ``norm1(x + affine(emb))``)
+  or applied as scale/shift (``silu(shift + norm1(x) * (scale + 1))``), dropout, ``conv1``, residual
+  (``skip`` conv when channels change or when resampling; a 1×1 projection if ``resample_proj`` or the
+  channels change, a bare resampler otherwise), times ``skip_scale``; then optional self-attention with
+  ``num_heads`` heads (or ``out_channels // channels_per_head``), softmax in float32, again times
+  ``skip_scale``.
+
+  Attributes mirror the PyTorch constructor; ``init``/``init_zero``/``init_attn`` are ``Init`` recipes
+  (``init_attn=None`` uses ``init``).
+  """
+  out_channels: int
+  up: bool = False
+  down: bool = False
+  attention: bool = False
+  num_heads: Optional[int] = None
+  channels_per_head: int = 64
+  dropout: float = 0.0
+  skip_scale: float = 1.0
+  eps: float = 1e-5
+  resample_filter: Sequence[float] = (1, 1)
+  resample_proj: bool = False
+  adaptive_scale: bool = True
+  init: Init = Init()
+  init_zero: Init = Init(weight=0.0)
+  init_attn: Optional[Init] = None
+
+  @property
+  def heads(self) -> int:
+    """Number of attention heads (0 = no attention), as EDM computes it."""
+    if not self.attention:
+      return 0
+    return self.num_heads if self.num_heads is not None else self.out_channels // self.channels_per_head
+
+  @nn.compact
+  def __call__(self, x: Array, emb: Array, train: bool = False) -> Array:
+    """Maps ``x`` [N,H,W,in] and ``emb`` [N,E] (float32) to [N,H',W',out_channels] in ``x.dtype``."""
+    cin, cout = x.shape[-1], self.out_channels
+    orig = x
+    x = Conv2d(cout, 3, up=self.up, down=self.down, resample_filter=self.resample_filter,
+               init=self.init, name="conv0")(nn.silu(GroupNorm(eps=self.eps, name="norm0")(x)))
+    params = Linear(cout * (2 if self.adaptive_scale else 1), init=self.init, name="affine")(emb)
+    params = params[:, None, None, :].astype(x.dtype)
+    if self.adaptive_scale:
+      scale, shift = jnp.split(params, 2, axis=-1)
+      x = nn.silu(shift + GroupNorm(eps=self.eps, name="norm1")(x) * (scale + 1))
+    else:
+      x = nn.silu(GroupNorm(eps=self.eps, name="norm1")(x + params))
+    if self.dropout:
+      x = nn.Dropout(rate=self.dropout, deterministic=not train)(x)
+    x = Conv2d(cout, 3, init=self.init_zero, name="conv1")(x)
+    if cout != cin or self.up or self.down:
+      kernel = 1 if (self.resample_proj or cout != cin) else 0
+      orig = Conv2d(cout, kernel, up=self.up, down=self.down, resample_filter=self.resample_filter,
+                    init=self.init, name="skip")(orig)
+    x = (x + orig) * self.skip_scale
+
+    heads = self.heads
+    if heads:
+      n, h, w, c = x.shape
+      ch = c // heads
+      qkv = Conv2d(c * 3, 1, init=self.init_attn if self.init_attn is not None else self.init,
+                   name="qkv")(GroupNorm(eps=self.eps, name="norm2")(x))
+      # PyTorch reshapes the [N, 3C, H, W] output to [N*heads, C/heads, 3, HW]: channel index
+      # (head * ch + c) * 3 + {0: q, 1: k, 2: v}.
+      qkv = qkv.reshape(n, h * w, heads, ch, 3)
+      q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
+      logits = jnp.einsum("nqhc,nkhc->nhqk", q.astype(jnp.float32),
+                          (k / math.sqrt(ch)).astype(jnp.float32))
+      weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+      a = jnp.einsum("nhqk,nkhc->nqhc", weights, v).reshape(n, h, w, c)
+      x = (Conv2d(c, 1, init=self.init_zero, name="proj")(a) + x) * self.skip_scale
+    return x
