@@ -73,10 +73,15 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every_steps = 100
   t.checkpoint_every_steps = 5000
   t.keep_checkpoints = 3
+  t.preemption_check_every_steps = 10  # multi-host: how often hosts agree on a SIGTERM (a small sync)
   t.sample_every_steps = 10_000  # PNG/TensorBoard grid from the EMA network; 0 disables
   t.grid_size = 64               # images in a sample grid
   t.final_num_samples = 0        # >0: write samples.npz with this many EMA samples after training
   t.init_from = ""               # directory of a converted/pretrained network to fine-tune from
+
+  # (reliability tests, launch/) True: every process appends the patch size and example indices of each
+  # step, and a final parameter digest, to <workdir>/sizes_process_<i>.jsonl (costs a little host time).
+  t.debug_log_sizes = False
 
   # ---- sampling -----------------------------------------------------------------------------------
   c.sample = s = ml_collections.ConfigDict()

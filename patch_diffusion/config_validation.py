@@ -55,6 +55,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _positive(t.log_every_steps, "train.log_every_steps")
   _positive(t.checkpoint_every_steps, "train.checkpoint_every_steps")
   _positive(t.keep_checkpoints, "train.keep_checkpoints")
+  _positive(t.preemption_check_every_steps, "train.preemption_check_every_steps")
   _positive(t.sample_every_steps, "train.sample_every_steps", allow_zero=True)
   _positive(s.num_steps, "sample.num_steps")
   _positive(s.num_samples, "sample.num_samples")

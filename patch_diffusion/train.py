@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import os
 import signal
 import threading
@@ -179,6 +181,42 @@ def _concat_batches(batches: list[dict]) -> dict:
   return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
+class _DebugLog:
+  """``train.debug_log_sizes``: what this process fed each step, for tests of multi-process runs.
+
+  Appends JSON lines to ``<workdir>/sizes_process_<i>.jsonl`` (process-local, local file system only):
+  ``{"step", "size", "indices"}`` per step (0-based step index, patch size, the record indices of this
+  process's local batch in order) and, after the last step, ``{"final_step", "params_sha256"}`` with one
+  digest of the parameters per local device (all must agree, on every process).
+  """
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    self._file = None
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._file = open(os.path.join(workdir, f"sizes_process_{jax.process_index()}.jsonl"), "a")
+
+  def _write(self, record: dict) -> None:
+    self._file.write(json.dumps(record) + "\n")
+    self._file.flush()
+
+  def step(self, step: int, size: int, local: dict) -> None:
+    if self.enabled:
+      self._write({"step": step, "size": int(size), "indices": np.asarray(local["index"]).tolist()})
+
+  def final(self, step: int, state: Any) -> None:
+    if not self.enabled:
+      return
+    digests = collections.defaultdict(hashlib.sha256)
+    for leaf in jax.tree.leaves(state.params):
+      for shard in leaf.addressable_shards:
+        digests[shard.device.id].update(np.ascontiguousarray(np.asarray(shard.data)).tobytes())
+    self._write({"final_step": step, "params_sha256": {str(d): h.hexdigest() for d, h in sorted(digests.items())}})
+    self._file.close()
+    self.enabled = False
+
+
 def _json_state(data_state):
   return data_state.decode() if isinstance(data_state, bytes) else data_state
 
@@ -216,8 +254,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write_hparams(config)
 
   local_batch = tcfg.batch_size // jax.process_count()
+  debug = _DebugLog(workdir, bool(tcfg.get("debug_log_sizes", False)))
   train_iter = input_pipeline.create_train_iterator(config.data, batch_size=local_batch, seed=config.seed,
-                                                    data=(exp.source, exp.info))
+                                                    data=(exp.source, exp.info), with_index=debug.enabled)
   if data_state is not None:
     if len(data_state) != jax.process_count():
       raise checkpointing.CheckpointError(
@@ -233,45 +272,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   images_per_step = tcfg.batch_size * sched.average_batch_mul
   total_nimg = tcfg.total_kimg * 1000
   progress = metrics_lib.ProgressLogger(tcfg.total_kimg)
-  pending: list[tuple[int, dict]] = []
+  pending: list[tuple[int, dict]] = []    # (patch size, device metrics) not yet fetched
+  fetched: list[tuple[int, dict]] = []    # (patch size, host metrics) not yet logged
   last = {"time": time.time(), "nimg": nimg, "real_images": 0}
   last_metrics: dict = {}
+  host_time = {"input": 0.0, "h2d": 0.0, "dispatch": 0.0}
 
   def flush_metrics(force_log: bool) -> None:
-    """Fetches pending device metrics; stops on a non-finite loss; logs on log steps."""
-    nonlocal pending, last_metrics
-    if not pending:
+    """Fetches pending device metrics (the only device sync); stops on a non-finite loss; logs if asked.
+
+    Called on log steps and before checkpoints (so a state whose loss went non-finite is never saved);
+    on other steps nothing is fetched and the host runs ahead of the device.
+    """
+    nonlocal pending, fetched, last_metrics
+    if pending:
+      values = jax.device_get([m for _, m in pending])
+      for i, ((size, _), m) in enumerate(zip(pending, values)):
+        if not np.isfinite(float(m["loss"])):
+          bad = step - len(pending) + i
+          raise FloatingPointError(
+              f"non-finite loss at step {bad} (patch size {size}); training stopped. The last checkpoint "
+              f"({ckpt.latest_step()}) was written before it and is intact; lower train.lr or check the "
+              f"data, then resume.")
+      fetched += [(size, m) for (size, _), m in zip(pending, values)]
+      pending = []
+    if not (force_log and fetched):
       return
-    fetched = jax.device_get([m for _, m in pending])
-    sizes = [s for s, _ in pending]
-    losses = np.asarray([float(m["loss"]) for m in fetched])
-    if not np.all(np.isfinite(losses)):
-      bad = step - len(pending) + int(np.argmin(np.isfinite(losses)))
-      raise FloatingPointError(
-          f"non-finite loss at step {bad} (patch size {sizes[int(np.argmin(np.isfinite(losses)))]}); "
-          f"training stopped. The last checkpoint ({ckpt.latest_step()}) was written before it and is "
-          f"intact; lower train.lr or check the data, then resume.")
-    if force_log:
-      now = time.time()
-      dt = max(now - last["time"], 1e-9)
-      dk = (nimg - last["nimg"]) / 1000
-      by_size = collections.defaultdict(list)
-      for s, l in zip(sizes, losses):
-        by_size[s].append(l)
-      scalars = {"loss": float(losses.mean()), "kimg": nimg / 1000, "lr": state_lib.learning_rate(nimg, tcfg),
-                 "grad_norm": float(np.mean([float(m["grad_norm"]) for m in fetched])),
-                 "nonfinite_grads": float(sum(float(m["nonfinite_grads"]) for m in fetched)),
-                 "images_per_s": dk * 1000 / dt, "patches_per_s": last["real_images"] / dt,
-                 "sec_per_kimg": dt / max(dk, 1e-9)}
-      scalars.update({f"loss_{s}": float(np.mean(v)) for s, v in by_size.items()})
-      scalars.update({f"frac_steps_{s}": len(v) / len(sizes) for s, v in by_size.items()})
-      writer.write_scalars(step, scalars)
-      logging.info(progress.line(step, nimg / 1000, scalars["loss"], {s: float(np.mean(v)) for s, v in
-                                 sorted(by_size.items())}, scalars["images_per_s"], scalars["sec_per_kimg"],
-                                 {s: len(v) for s, v in sorted(by_size.items())}))
-      last_metrics = scalars
-      last.update(time=now, nimg=nimg, real_images=0)
-    pending = []
+    now = time.time()
+    dt = max(now - last["time"], 1e-9)
+    dk = (nimg - last["nimg"]) / 1000
+    n_steps = len(fetched)
+    by_size = collections.defaultdict(list)
+    for size, m in fetched:
+      by_size[size].append(float(m["loss"]))
+    losses = [float(m["loss"]) for _, m in fetched]
+    scalars = {"loss": float(np.mean(losses)), "kimg": nimg / 1000, "lr": state_lib.learning_rate(nimg, tcfg),
+               "grad_norm": float(np.mean([float(m["grad_norm"]) for _, m in fetched])),
+               "nonfinite_grads": float(sum(float(m["nonfinite_grads"]) for _, m in fetched)),
+               "images_per_s": dk * 1000 / dt, "patches_per_s": last["real_images"] / dt,
+               "sec_per_kimg": dt / max(dk, 1e-9), "wall_ms_per_step": 1e3 * dt / n_steps}
+    # Host time per step spent outside compiled computation (input, host-to-device, dispatch), in ms.
+    scalars.update({f"host_ms_{k}": 1e3 * v / n_steps for k, v in host_time.items()})
+    scalars.update({f"loss_{s}": float(np.mean(v)) for s, v in by_size.items()})
+    scalars.update({f"frac_steps_{s}": len(v) / n_steps for s, v in by_size.items()})
+    writer.write_scalars(step, scalars)
+    logging.info(progress.line(step, nimg / 1000, scalars["loss"],
+                               {s: float(np.mean(v)) for s, v in sorted(by_size.items())},
+                               scalars["images_per_s"], scalars["sec_per_kimg"],
+                               {s: len(v) for s, v in sorted(by_size.items())}))
+    last_metrics = scalars
+    last.update(time=now, nimg=nimg, real_images=0)
+    host_time.update(input=0.0, h2d=0.0, dispatch=0.0)
+    fetched = []
 
   def save(reason: str) -> None:
     flush_metrics(force_log=False)  # never checkpoint a state whose loss went non-finite
@@ -287,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return
     imgs, _ = grid_fn(state.variables(ema=True), k_sample, 0)
     imgs = np.asarray(jax.device_get(imgs))[:tcfg.grid_size]
-    grid = image_grid.make_grid(imgs)
+    grid = image_grid.make_grid(imgs, padding=1)
     if jax.process_index() == 0:
       path = image_grid.save_png(os.path.join(workdir, "samples", f"grid_{step:08d}.png"), grid)
       logging.info("wrote sample grid %s", path)
@@ -315,12 +367,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     while nimg < total_nimg:
       k = sched.size_index(step, progress=nimg / total_nimg)
       size, mul = sched.sizes[k], sched.batch_muls[k]
+      t0 = time.perf_counter()
       local = _concat_batches([next(train_iter) for _ in range(mul)])
+      debug.step(step, size, local)
+      t1 = time.perf_counter()
       batch = parallel.global_batch({"image": local["image"], "label": local["label"].astype(np.int32)},
                                     exp.mesh)
       lr = np.float32(state_lib.learning_rate(nimg, tcfg))
       beta = np.float32(state_lib.ema_beta(nimg, images_per_step, tcfg))
-      state, step_metrics = compiled[size](state, batch, lr, beta, k_train)
+      t2 = time.perf_counter()
+      state, step_metrics = compiled[size](state, batch, lr, beta, k_train)  # async: returns at dispatch
+      host_time["input"] += t1 - t0
+      host_time["h2d"] += t2 - t1
+      host_time["dispatch"] += time.perf_counter() - t2
       pending.append((size, step_metrics))
       last["real_images"] += local["image"].shape[0] * jax.process_count()
       step += 1
@@ -328,7 +387,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       done = nimg >= total_nimg
       if step % tcfg.log_every_steps == 0 or done:
         flush_metrics(force_log=True)
-      if parallel.any_host(preempt.requested):
+      # Multi-host: agreeing on the SIGTERM flag is a collective (it waits for the device queue), so it
+      # is only done every `preemption_check_every_steps`; one process needs no agreement.
+      if ((jax.process_count() == 1 or step % tcfg.preemption_check_every_steps == 0)
+          and parallel.any_host(preempt.requested)):
         save("preemption")
         ckpt.close()
         writer.close()
@@ -344,6 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         next_eval += eval_every
     flush_metrics(force_log=True)
     save("final")
+    debug.final(step, state)
     write_grid()
     if eval_every > 0:
       run_eval()
@@ -387,35 +450,57 @@ def write_samples(exp: Experiment, variables: dict, workdir: str, num_images: in
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-    grid = image_grid.make_grid(images[:min(len(images), 256)])
+    grid = image_grid.make_grid(images[:min(len(images), 256)], padding=1)
     image_grid.save_png(os.path.join(workdir, "samples.png"), grid)
     logging.info("wrote %d samples to %s in %.1f s (grid: %s)", num_images, path, time.time() - t0,
                  os.path.join(workdir, "samples.png"))
   return path
 
 
+def load_ema_variables(config: ml_collections.ConfigDict, workdir: str, *, step: int = -1,
+                       pretrained: str = "", need_data: bool = False) -> tuple[Experiment, dict, dict]:
+  """Builds the experiment and loads the EMA network that ``--mode=sample`` and ``--mode=eval`` use.
+
+  Args:
+    config: the run's config.
+    workdir: run directory holding ``checkpoints/`` (unused when ``pretrained`` is given).
+    step: checkpoint step; -1 = the latest.
+    pretrained: directory of a converted network (``config.json`` + ``variables``); when set, its
+      model/edm/data-shape settings replace the config's and no checkpoint is read.
+    need_data: open the dataset for a pretrained network too (checkpoint runs always open it).
+  Returns:
+    (experiment, EMA variables replicated on its mesh, source info) where the info holds ``step`` and
+    ``nimg`` of the checkpoint (None for a pretrained network) and ``source`` (checkpoint or network
+    directory).
+  Raises:
+    checkpointing.CheckpointError: no checkpoint in ``workdir`` (and no ``pretrained``).
+  """
+  if pretrained:
+    variables, pre_cfg = checkpointing.load_pretrained(pretrained)
+    exp = build_experiment(_merge_pretrained(config, pre_cfg), check_data=need_data)
+    variables = jax.device_put(variables, parallel.replicated(exp.mesh))
+    return exp, variables, {"step": None, "nimg": None, "source": os.path.abspath(pretrained)}
+  exp = build_experiment(config, check_data=True)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  if ckpt.latest_step() is None:
+    raise checkpointing.CheckpointError(
+        f"no checkpoint in {ckpt.directory}; train first (--mode=train) or pass "
+        f"--config.sample.pretrained=DIR of a converted network")
+  template = jax.device_put(state_lib.create_train_state(exp.init_variables(jax.random.key(0)), exp.tx),
+                            parallel.replicated(exp.mesh))
+  state, meta = ckpt.restore(template, None if step < 0 else step)
+  ckpt.close()
+  logging.info("loaded the EMA network of checkpoint %d (%.1f kimg)", meta["step"], meta["nimg"] / 1000)
+  return exp, state.variables(ema=True), {"step": int(meta["step"]), "nimg": float(meta["nimg"]),
+                                          "source": ckpt.directory}
+
+
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   """--mode=sample: loads the latest (or ``sample.checkpoint_step``) checkpoint and writes samples."""
   jax.config.update("jax_threefry_partitionable", True)
   scfg = config.sample
-  if scfg.get("pretrained"):
-    variables, pre_cfg = checkpointing.load_pretrained(scfg.pretrained)
-    exp = build_experiment(_merge_pretrained(config, pre_cfg), check_data=False)
-    variables = jax.device_put(variables, parallel.replicated(exp.mesh))
-  else:
-    exp = build_experiment(config, check_data=True)
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-    if ckpt.latest_step() is None:
-      raise checkpointing.CheckpointError(
-          f"no checkpoint in {ckpt.directory}; train first (--mode=train) or pass "
-          f"--config.sample.pretrained=DIR of a converted network")
-    template = jax.device_put(state_lib.create_train_state(exp.init_variables(jax.random.key(0)), exp.tx),
-                              parallel.replicated(exp.mesh))
-    step = None if scfg.checkpoint_step < 0 else scfg.checkpoint_step
-    state, meta = ckpt.restore(template, step)
-    ckpt.close()
-    logging.info("sampling from checkpoint %d (%.1f kimg)", meta["step"], meta["nimg"] / 1000)
-    variables = state.variables(ema=True)
+  exp, variables, _ = load_ema_variables(config, workdir, step=scfg.checkpoint_step,
+                                         pretrained=scfg.get("pretrained") or "")
   return write_samples(exp, variables, workdir, scfg.num_samples, config.seed + 1, scfg.batch_size)
 
 

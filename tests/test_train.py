@@ -178,3 +178,25 @@ def test_unprepared_dataset_names_the_prepare_command(tmp_path):
   c = tiny(**{"data.name": "celeb_a", "data.data_dir": str(tmp_path / "empty")})
   with pytest.raises(datasets.DatasetError, match="prepare_dataset --name celeb_a"):
     train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_bf16_compute_loss_close_to_fp32():
+  """bf16 activations with fp32 params/loss/norm statistics/softmax stay close to the fp32 loss."""
+  from patch_diffusion.data import patches  # pylint: disable=g-import-not-at-top
+  from patch_diffusion.edm import loss as loss_lib  # pylint: disable=g-import-not-at-top
+  c32, c16 = tiny(), tiny(**{"model.dtype": "bfloat16"})
+  e32, e16 = train.build_experiment(c32), train.build_experiment(c16)
+  variables = e32.init_variables(jax.random.key(0))
+  images = jax.random.uniform(jax.random.key(1), (64, 16, 16, 1), minval=-1, maxval=1)
+  p, pos = patches.random_patches(jax.random.key(2), images, 8)
+
+  def loss(exp):
+    den = steps_lib.make_denoiser(exp.model.apply, variables, exp.precond, dtype=exp.dtype)
+    return jnp.mean(loss_lib.patch_loss(den, jax.random.key(3), p, pos, None, exp.noise_dist))
+
+  l32, l16 = float(jax.jit(lambda: loss(e32))()), float(jax.jit(lambda: loss(e16))())
+  assert e16.model.dtype == jnp.bfloat16
+  assert l16 != l32  # bf16 really changed the arithmetic
+  assert abs(l16 - l32) / l32 < 0.02, (l16, l32)
+  # Parameters stay float32 under bf16 compute.
+  assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}

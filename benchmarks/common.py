@@ -1,0 +1,84 @@
+"""Shared helpers of the benchmarks: config loading, a matmul peak, timing and result files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+def load_config(path: str, overrides: list[str]):
+  """Loads ``configs/<x>.py``'s get_config() and applies ``a.b=value`` overrides (Python literals)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    key, value = item.split("=", 1)
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    try:
+      node[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      node[leaf] = value
+  return config
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
+  """Median wall time of ``fn`` (which must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), times
+
+
+def matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
+  """Measured dense matmul throughput (FLOP/s) of the default backend, summed over its local devices."""
+  devices = jax.local_devices()
+  mats = [jax.device_put(jnp.ones((n, n), dtype), d) for d in devices]
+  f = jax.jit(lambda a: a @ a)
+  def run():
+    jax.block_until_ready([f(m) for m in mats])
+  t, _ = median_time(run, repeats)
+  return 2 * n**3 * len(devices) / t
+
+
+def machine() -> dict:
+  dev = jax.devices()[0]
+  return {"platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
+          "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
+          "host": platform.node()}
+
+
+def write_json(path: str, payload: dict) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(payload, f, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+  return path
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+  """Prints rows as a Markdown table; columns = [(key, header, format)]."""
+  print("| " + " | ".join(h for _, h, _ in columns) + " |")
+  print("|" + "|".join("---" for _ in columns) + "|")
+  for r in rows:
+    print("| " + " | ".join(format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns) + " |")
