@@ -38,6 +38,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.arch = {m.arch!r}; expected one of {ARCHS}")
   if m.dtype not in DTYPES:
     raise ValueError(f"model.dtype = {m.dtype!r}; expected one of {DTYPES}")
+  if m.get("matmul_precision", "default") not in ("default", "high", "highest"):
+    raise ValueError(f"model.matmul_precision = {m.matmul_precision!r}; expected default | high | highest")
   if not 0.0 <= m.dropout < 1.0:
     raise ValueError(f"model.dropout = {m.dropout} must lie in [0, 1)")
   _positive(m.model_channels, "model.model_channels")

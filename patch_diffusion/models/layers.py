@@ -24,7 +24,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-from typing import Any, Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-DType = Any
 
 
 # ------------------------------------------------------------------------------------------------
@@ -80,7 +79,11 @@ def recording_recipes() -> Iterator[dict]:
 
 
 def edm_recipe(mode: str, fan_in: int, fan_out: int, factor: float) -> Recipe:
-  """EDM's ``weight_init(shape, mode, fan_in, fan_out) * factor`` as a ``Recipe``."""
+  """EDM's ``weight_init(shape, mode, fan_in, fan_out) * factor`` as a ``Recipe``.
+
+  The fans are those of the PyTorch layer (conv: channels × kernel area), independent of the layout of
+  the Flax array, so a Flax kernel and its PyTorch counterpart have the same distribution.
+  """
   if mode == "xavier_uniform":
     recipe = Recipe("uniform", math.sqrt(6.0 / (fan_in + fan_out)))
   elif mode == "xavier_normal":
@@ -117,15 +120,6 @@ def make_param(module: nn.Module, name: str, recipe: Recipe, shape: tuple[int, .
   if recipes is not None:
     recipes[("params",) + tuple(module.scope.path) + (name,)] = recipe
   return module.param(name, recipe_initializer(recipe), shape, jnp.float32)
-
-
-def edm_initializer(mode: str, fan_in: int, fan_out: int, factor: float):
-  """Returns ``init(key, shape, dtype)`` drawing EDM's ``weight_init(shape, mode, fan_in, fan_out) * factor``.
-
-  The fans are those of the PyTorch layer (conv: channels × kernel area), independent of the layout
-  of ``shape``, so a Flax kernel and its PyTorch counterpart have the same distribution.
-  """
-  return recipe_initializer(edm_recipe(mode, fan_in, fan_out, factor))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,405 @@
+"""Torch-free readers (.pt zip / legacy, EDM .pkl snapshots, .npz) and the checkpoint converter.
+
+The EDM snapshot and legacy/zip archives are generated here byte-for-byte in the structure PyTorch and
+EDM's ``torch_utils.persistence`` write (same GLOBAL names, persistent ids, storage records), with a
+small pickler that emits globals by name, so no torch is needed.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+
+from patch_diffusion.models.torch_mapping import torch_state_dict_to_variables
+from patch_diffusion.tools import convert_torch, torch_formats
+
+FIXTURES = ("ddpmpp_uncond", "ddpmpp_cond", "ncsnpp_uncond", "adm_cond")
+
+
+# ------------------------------------------------------------------------------------------------
+# A pickler that writes PyTorch / EDM structures without importing them.
+
+
+class G:
+  """A global ``module.name``, written as GLOBAL (protocol < 4) or STACK_GLOBAL."""
+
+  def __init__(self, module, name):
+    self.module, self.name = module, name
+
+  def __call__(self, *args):  # pickle only checks callability of REDUCE functions
+    raise AssertionError("never called")
+
+
+class Reduce:
+  """Pickles as ``func(*args)`` [+ BUILD state] [+ SETITEMS items]."""
+
+  def __init__(self, func, args, state=None, items=None):
+    self.func, self.args, self.state, self.items = func, args, state, items
+
+  def __reduce__(self):
+    return (self.func, self.args, self.state, None, iter(self.items.items()) if self.items else None)
+
+
+class NewObj:
+  """Pickles like ``copyreg.__newobj__``: GLOBAL cls, EMPTY_TUPLE, NEWOBJ, state, BUILD."""
+
+  def __init__(self, cls, state):
+    self.cls, self.state = cls, state
+
+
+class PersId:
+  def __init__(self, pid):
+    self.pid = pid
+
+
+class TorchLikePickler(pickle._Pickler):
+  dispatch = pickle._Pickler.dispatch.copy()
+
+  def save_global_ref(self, obj):
+    if self.proto >= 4:
+      self.save(obj.module)
+      self.save(obj.name)
+      self.write(pickle.STACK_GLOBAL)
+    else:
+      self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
+
+  def save_newobj(self, obj):
+    self.save(obj.cls)
+    self.write(pickle.EMPTY_TUPLE + pickle.NEWOBJ)
+    self.save(obj.state)
+    self.write(pickle.BUILD)
+
+  dispatch[G] = save_global_ref
+  dispatch[NewObj] = save_newobj
+
+  def persistent_id(self, obj):
+    return obj.pid if isinstance(obj, PersId) else None
+
+
+def dumps(obj, protocol):
+  buf = io.BytesIO()
+  TorchLikePickler(buf, protocol=protocol).dump(obj)
+  return buf.getvalue()
+
+
+STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
+           np.dtype(np.int64): "LongStorage"}
+
+
+def ordered_dict(items):
+  return Reduce(G("collections", "OrderedDict"), (), items=dict(items))
+
+
+def tensor(storage, shape, stride=None, offset=0):
+  shape = tuple(shape)
+  if stride is None:
+    stride = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+  return Reduce(G("torch._utils", "_rebuild_tensor_v2"),
+                (storage, offset, shape, tuple(stride), False, ordered_dict({})))
+
+
+def legacy_storage_bytes(array, key="140234"):
+  """What ``torch.save(storage, f, _use_new_zipfile_serialization=False)`` writes for one storage."""
+  flat = np.ascontiguousarray(array).reshape(-1)
+  buf = io.BytesIO()
+  for header in (0x1950A86A20F9469CFC6C, 1001,
+                 {"protocol_version": 1001, "little_endian": True,
+                  "type_sizes": {"short": 2, "int": 4, "long": 8}}):
+    pickle.dump(header, buf, protocol=2)
+  buf.write(dumps(PersId(("storage", G("torch", STORAGE[flat.dtype]), key, "cpu", flat.size, None)), 2))
+  pickle.dump([key], buf, protocol=2)
+  buf.write(struct.pack("<q", flat.size))
+  buf.write(flat.astype(flat.dtype.newbyteorder("<")).tobytes())
+  return buf.getvalue()
+
+
+def pickled_tensor(array):
+  """A tensor inside a plain ``pickle.dump``: its storage goes through ``_load_from_bytes``."""
+  storage = Reduce(G("torch.storage", "_load_from_bytes"), (legacy_storage_bytes(array),))
+  return tensor(storage, array.shape)
+
+
+def parameter(array):
+  return Reduce(G("torch._utils", "_rebuild_parameter"), (pickled_tensor(array), True, ordered_dict({})))
+
+
+def persistent(class_name, state, source):
+  meta = dict(type="class", version=6, module_src=source, class_name=class_name, state=state)
+  return Reduce(G("torch_utils.persistence", "_reconstruct_persistent_obj"), (meta,))
+
+
+def module_tree(state_dict, root_class, init_kwargs, source):
+  """Nested EDM modules holding ``state_dict`` (names ``a.b.c.weight``); enc/dec are ModuleDicts."""
+  tree = {}
+  for name, value in state_dict.items():
+    *path, leaf = name.split(".")
+    node = tree
+    for part in path:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+
+  def build(name, node, top=False):
+    params, buffers, children = {}, {}, {}
+    for key, value in node.items():
+      if isinstance(value, dict):
+        children[key] = build(key, value)
+      elif key in ("resample_filter", "freqs"):
+        buffers[key] = pickled_tensor(value)
+      else:
+        params[key] = parameter(value)
+    if "weight" in params and "resample_filter" not in buffers:
+      buffers["resample_filter"] = None  # EDM registers None buffers for non-resampling convs
+    state = {"training": False, "_parameters": ordered_dict(params), "_buffers": ordered_dict(buffers),
+             "_non_persistent_buffers_set": set(), "_backward_hooks": ordered_dict({}),
+             "_modules": ordered_dict(children), "_init_args": (),
+             "_init_kwargs": init_kwargs if top else {}}
+    if name in ("enc", "dec"):  # torch.nn.ModuleDict: not a persistent class
+      return NewObj(G("torch.nn.modules.container", "ModuleDict"), state)
+    return persistent(root_class if top else "UNetBlock", state, source)
+
+  return build("", tree, top=True)
+
+
+def load_fixture_state(fixtures_dir, name):
+  data = np.load(fixtures_dir / "edm_torch" / f"{name}.npz")
+  meta = json.loads((fixtures_dir / "edm_torch" / f"{name}.json").read_text())
+  return {k[len("param/"):]: data[k] for k in data.files if k.startswith("param/")}, meta
+
+
+def evil_source(marker):
+  return (f"import pathlib\npathlib.Path({str(marker)!r}).write_text('executed')\n"
+          "raise SystemExit('embedded module source was executed')\n")
+
+
+def snapshot_bytes(state, meta, marker, *, class_name="Patch_EDMPrecond", img_channels=None, extra=None):
+  init_kwargs = dict(img_resolution=meta["img_resolution"],
+                     img_channels=meta["in_channels"] if img_channels is None else img_channels,
+                     out_channels=meta["out_channels"], label_dim=meta["label_dim"], use_fp16=False,
+                     model_type=meta["model_type"], **meta["model_kwargs"])
+  if class_name != "Patch_EDMPrecond":
+    del init_kwargs["out_channels"]
+  snapshot = {
+      "ema": module_tree(state, class_name, init_kwargs, evil_source(marker)),
+      "loss_fn": persistent("Patch_EDMLoss", {"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5},
+                            evil_source(marker)),
+      "augment_pipe": None,
+      "dataset_kwargs": {"class_name": "training.dataset.ImageFolderDataset", "path": "data.zip",
+                         "use_labels": meta["label_dim"] > 0, "xflip": True, "cache": True,
+                         "resolution": meta["img_resolution"], "max_size": 1000},
+  }
+  snapshot.update(extra or {})
+  return dumps(snapshot, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Readers.
+
+
+def test_torch_save_zip_fixture_matches_npz(fixtures_dir):
+  net = torch_formats.read_network(fixtures_dir / "edm_torch" / "ddpmpp_uncond_state_dict.pt")
+  ref, _ = load_fixture_state(fixtures_dir, "ddpmpp_uncond")
+  assert list(net.state_dict) == list(ref) and net.class_name is None
+  for key, value in ref.items():
+    assert net.state_dict[key].dtype == value.dtype
+    np.testing.assert_array_equal(net.state_dict[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+def test_zip_archive_strides_offsets_dtypes(tmp_path, byteorder):
+  base = np.arange(12, dtype=np.float32)
+  halfs = np.array([0.5, -2.0, 3.25], np.float16)
+  longs = np.array([7, -3], np.int64)
+  storage = lambda dtype, key, n: PersId(("storage", G("torch", STORAGE[np.dtype(dtype)]), key, "cpu", n))  # noqa: E731
+  s0, s1, s2 = storage(np.float32, "0", 12), storage(np.float16, "1", 3), storage(np.int64, "2", 2)
+  obj = ordered_dict({
+      "matrix": tensor(s0, (3, 4)),
+      "transposed": tensor(s0, (4, 3), stride=(1, 4)),       # a view sharing storage 0
+      "tail": tensor(s0, (2, 2), stride=(4, 1), offset=6),  # offset view
+      "half": tensor(s1, (3,)),
+      "long": tensor(s2, (2,)),
+      "scalar": tensor(s0, (), stride=(), offset=5),
+  })
+  order = "<" if byteorder == "little" else ">"
+  path = tmp_path / "weights.pt"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("weights/data.pkl", dumps(obj, 2))
+    z.writestr("weights/byteorder", byteorder)
+    for key, array in (("0", base), ("1", halfs), ("2", longs)):
+      z.writestr(f"weights/data/{key}", array.astype(array.dtype.newbyteorder(order)).tobytes())
+  sd = torch_formats.read_network(path).state_dict
+  np.testing.assert_array_equal(sd["matrix"], base.reshape(3, 4))
+  np.testing.assert_array_equal(sd["transposed"], base.reshape(3, 4).T)
+  np.testing.assert_array_equal(sd["tail"], base.reshape(3, 4)[1:3, 2:4])
+  np.testing.assert_array_equal(sd["half"], halfs)
+  assert sd["half"].dtype == np.float16 and sd["long"].dtype == np.int64
+  np.testing.assert_array_equal(sd["long"], longs)
+  assert sd["scalar"].shape == () and sd["scalar"] == 5.0
+
+
+def test_legacy_torch_save_file(tmp_path):
+  # The pre-1.6 torch.save stream of a state dict: header pickles, object pickle, keys, raw storages.
+  a = np.arange(6, dtype=np.float32).reshape(2, 3)
+  b = np.array([1.5, 2.5], np.float32)
+  buf = io.BytesIO()
+  for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
+    pickle.dump(header, buf, protocol=2)
+  sa = PersId(("storage", G("torch", "FloatStorage"), "94", "cpu", 6, None))
+  sb = PersId(("storage", G("torch", "FloatStorage"), "17", "cuda:0", 2, None))
+  buf.write(dumps(ordered_dict({"a": tensor(sa, (2, 3)), "b": tensor(sb, (2,)),
+                                "a_t": tensor(sa, (3, 2), stride=(1, 3))}), 2))
+  pickle.dump(["17", "94"], buf, protocol=2)
+  for array in (b, a):
+    buf.write(struct.pack("<q", array.size) + array.tobytes())
+  path = tmp_path / "legacy.pth"
+  path.write_bytes(buf.getvalue())
+  sd = torch_formats.read_network(path).state_dict
+  np.testing.assert_array_equal(sd["a"], a)
+  np.testing.assert_array_equal(sd["b"], b)
+  np.testing.assert_array_equal(sd["a_t"], a.T)
+
+
+def test_edm_snapshot_pickle_never_runs_embedded_code(fixtures_dir, tmp_path):
+  state, meta = load_fixture_state(fixtures_dir, "ddpmpp_cond")
+  marker = tmp_path / "marker.txt"
+  path = tmp_path / "network-snapshot-000100.pkl"
+  path.write_bytes(snapshot_bytes(state, meta, marker))
+  raw = torch_formats.load_pickle(path)
+  assert not marker.exists()
+  assert isinstance(raw["ema"], torch_formats.PersistentObject) and "write_text" in raw["ema"].module_src
+
+  net = torch_formats.read_network(path)
+  assert not marker.exists()
+  assert net.class_name == "Patch_EDMPrecond"
+  assert net.init_kwargs["model_type"] == "SongUNet" and net.init_kwargs["label_dim"] == 10
+  assert net.extra["dataset_kwargs"]["xflip"] is True
+  assert sorted(net.state_dict) == sorted(state)  # None buffers are skipped
+  for key, value in state.items():
+    np.testing.assert_array_equal(net.state_dict[key], value, err_msg=key)
+  with pytest.raises(KeyError, match="no entry 'ema_typo'"):
+    torch_formats.read_network(path, key="ema_typo")
+
+
+def test_hostile_globals_are_refused(tmp_path):
+  marker = tmp_path / "pwned"
+  for func in (G("os", "system"), G("builtins", "eval"), G("subprocess", "check_call"),
+               G("builtins", "exec")):
+    payload = dumps({"ema": Reduce(func, (f"touch {marker}",))}, 4)
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+      torch_formats.load_pickle(payload)
+  assert not marker.exists()
+
+
+def test_npz_reader(fixtures_dir, tmp_path):
+  net = torch_formats.read_network(fixtures_dir / "edm_torch" / "adm_cond.npz")
+  ref, _ = load_fixture_state(fixtures_dir, "adm_cond")
+  assert sorted(net.state_dict) == sorted(ref)
+  plain = tmp_path / "plain.npz"
+  np.savez(plain, **{"model.map_layer0.weight": ref["model.map_layer0.weight"]})
+  assert list(torch_formats.read_network(plain).state_dict) == ["model.map_layer0.weight"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Converter.
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_architecture_inferred_from_tensors(fixtures_dir, name):
+  state, meta = load_fixture_state(fixtures_dir, name)
+  class_name, kwargs = convert_torch.infer_network_kwargs(state)
+  assert class_name == meta["model_type"]
+  for key, value in meta["model_kwargs"].items():
+    if key != "dropout":
+      assert kwargs[key] == (tuple(value) if isinstance(value, list) else value), key
+  assert (kwargs["in_channels"], kwargs["out_channels"], kwargs["label_dim"], kwargs["img_resolution"]) == (
+      meta["in_channels"], meta["out_channels"], meta["label_dim"], meta["img_resolution"])
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_convert_npz_matches_direct_mapping(fixtures_dir, name):
+  state, meta = load_fixture_state(fixtures_dir, name)
+  variables, config = convert_torch.convert(str(fixtures_dir / "edm_torch" / f"{name}.npz"))
+  assert config.data.resolution == meta["img_resolution"]
+  assert config.data.num_channels == meta["img_channels"]
+  assert config.data.use_labels == (meta["label_dim"] > 0) and config.data.num_classes == meta["label_dim"]
+  assert config.model.arch == {"ddpmpp_uncond": "ddpmpp", "ddpmpp_cond": "ddpmpp",
+                               "ncsnpp_uncond": "ncsnpp", "adm_cond": "adm"}[name]
+  assert config.model.arch_presets is False and config.edm.precond == "edm"
+  from patch_diffusion.models import create_model
+  model = create_model(config.model, img_resolution=meta["img_resolution"],
+                       img_channels=meta["img_channels"], label_dim=meta["label_dim"])
+  direct = torch_state_dict_to_variables(state, model)
+  flat_a = {k: v for k, v in _flat(variables)}
+  flat_b = {k: v for k, v in _flat(direct)}
+  assert flat_a.keys() == flat_b.keys()
+  for key in flat_a:
+    np.testing.assert_array_equal(flat_a[key], flat_b[key])
+
+
+def _flat(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flat(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def test_convert_snapshot_uses_recorded_kwargs(fixtures_dir, tmp_path):
+  state, meta = load_fixture_state(fixtures_dir, "ncsnpp_uncond")
+  meta["model_kwargs"]["dropout"] = 0.05
+  path = tmp_path / "snap.pkl"
+  path.write_bytes(snapshot_bytes(state, meta, tmp_path / "marker"))
+  variables, config = convert_torch.convert(str(path), {"data.name": "celeb_a"})
+  assert not (tmp_path / "marker").exists()
+  assert config.model.dropout == 0.05 and config.model.arch == "ncsnpp"
+  assert config.model.resample_filter == (1, 3, 3, 1) and config.data.xflip is True
+  assert config.data.name == "celeb_a"
+  np.testing.assert_array_equal(variables["buffers"]["map_noise"]["freqs"], state["model.map_noise.freqs"])
+  # Flags win over the recorded kwargs.
+  _, config = convert_torch.convert(str(path), {"dropout": 0.0})
+  assert config.model.dropout == 0.0
+
+
+def test_convert_plain_edm_network_pads_coordinates(fixtures_dir, tmp_path):
+  state, meta = load_fixture_state(fixtures_dir, "ddpmpp_uncond")
+  edm_state = dict(state)
+  edm_state["model.enc.16x16_conv.weight"] = state["model.enc.16x16_conv.weight"][:, :3]
+  path = tmp_path / "edm.pkl"
+  path.write_bytes(snapshot_bytes(edm_state, meta, tmp_path / "marker", class_name="EDMPrecond",
+                                  img_channels=3))
+  variables, config = convert_torch.convert(str(path))
+  kernel = variables["params"]["enc_16x16_conv"]["kernel"]
+  assert kernel.shape == (3, 3, 5, 32) and not kernel[:, :, 3:].any()
+  np.testing.assert_array_equal(kernel[:, :, :3], edm_state["model.enc.16x16_conv.weight"].transpose(2, 3, 1, 0))
+  assert config.data.num_channels == 3 and config.edm.precond == "edm"
+
+
+def test_convert_errors_are_clear(fixtures_dir, tmp_path):
+  state, _ = load_fixture_state(fixtures_dir, "ddpmpp_uncond")
+  bad = dict(state)
+  bad["model.unexpected"] = np.zeros(3, np.float32)
+  del bad["model.map_layer1.bias"]
+  path = tmp_path / "bad.npz"
+  np.savez(path, **bad)
+  with pytest.raises(ValueError) as info:
+    convert_torch.convert(str(path))
+  assert "model.unexpected" in str(info.value) and "map_layer1.bias" in str(info.value)
+  with pytest.raises(ValueError, match="img_channels=4"):
+    convert_torch.convert(str(fixtures_dir / "edm_torch" / "ddpmpp_uncond.npz"), {"img_channels": 4})
+
+
+def test_command_line_writes_pretrained_directory(fixtures_dir, tmp_path):
+  from patch_diffusion import checkpointing
+  dst = tmp_path / "converted"
+  convert_torch.main([str(fixtures_dir / "edm_torch" / "ddpmpp_uncond_state_dict.pt"), str(dst),
+                      "--dropout", "0.05", "--set", "data.name=celeb_a"])
+  variables, config = checkpointing.load_pretrained(str(dst))
+  assert config.model.arch == "ddpmpp" and config.model.dropout == 0.05 and config.data.name == "celeb_a"
+  assert tuple(config.model.channel_mult) == (1, 2, 2) and config.data.resolution == 16
+  ref, _ = load_fixture_state(fixtures_dir, "ddpmpp_uncond")
+  np.testing.assert_array_equal(np.asarray(variables["params"]["enc_16x16_conv"]["kernel"]),
+                                ref["model.enc.16x16_conv.weight"].transpose(2, 3, 1, 0))
