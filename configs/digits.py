@@ -26,13 +26,13 @@ def get_config():
   c.model.attn_resolutions = (8,)
   c.model.dropout = 0.0
   c.train.batch_size = 64
-  c.train.total_kimg = 200
+  c.train.total_kimg = 80.0
   c.train.lr = 1e-3
-  c.train.lr_rampup_kimg = 5
+  c.train.lr_rampup_kimg = 5.0
   c.train.ema_halflife_kimg = 5
   c.train.log_every_steps = 100
   c.train.checkpoint_every_steps = 500
-  c.train.sample_every_steps = 1000
+  c.train.sample_every_steps = 300
   c.train.grid_size = 100
   c.train.final_num_samples = 1000
   c.sample.num_steps = 18

@@ -29,7 +29,8 @@ def to_uint8(x: jnp.ndarray) -> jnp.ndarray:
 
 def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerSettings, *,
                      resolution: int, channels: int, num_classes: int, batch_size: int, mesh: Mesh,
-                     dtype=jnp.float32, x_pos: Optional[jnp.ndarray] = None) -> Callable:
+                     dtype=jnp.float32, x_pos: Optional[jnp.ndarray] = None,
+                     quantize: bool = True) -> Callable:
   """Compiles ``fn(variables, key, batch_index) -> (images uint8 [B,R,R,C], labels int32 [B])``.
 
   Args:
@@ -41,6 +42,7 @@ def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerS
     batch_size: global images per call; must be divisible by the mesh's data axis.
     x_pos: coordinate grid [R', R', 2] (default: the full R×R grid); other grids give crop/extrapolation
       samples of size R'.
+    quantize: return uint8 images (EDM's rounding of [-1, 1]); False returns the float32 sample (latents).
   """
   n_data = parallel.data_parallel_size(mesh)
   if batch_size % n_data:
@@ -59,7 +61,7 @@ def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerS
     onehot = jax.nn.one_hot(labels, num_classes) if num_classes else None
     denoise_fn = make_denoiser(apply_fn, variables, precond, dtype=dtype)
     x = sampler_lib.edm_sample(denoise_fn, latents, grid, k_churn, onehot, settings)
-    return to_uint8(x), labels.astype(jnp.int32)
+    return (to_uint8(x) if quantize else x), labels.astype(jnp.int32)
 
   return jax.jit(generate, out_shardings=(sharded, sharded))
 

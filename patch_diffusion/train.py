@@ -77,12 +77,16 @@ class Experiment:
     settings = settings or sampler_lib.SamplerSettings.from_config(self.config.sample)
     return sampling.make_generate_fn(
         self.model.apply, self.precond, settings, resolution=self.resolution, channels=self.channels,
-        num_classes=self.num_classes, batch_size=batch_size, mesh=self.mesh, dtype=self.dtype)
+        num_classes=self.num_classes, batch_size=batch_size, mesh=self.mesh, dtype=self.dtype,
+        quantize=not self.config.patch.latent)  # latents are not images: keep them float
 
 
 def build_experiment(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Experiment:
   """Validates the config and builds mesh, dataset info, network and losses. Fails before compiling."""
   validate_config(config)
+  # Process-wide, like the threefry setting: every executable of the run traces with this precision.
+  precision = config.model.get("matmul_precision", "default")
+  jax.config.update("jax_default_matmul_precision", None if precision == "default" else precision)
   mesh = parallel.create_mesh(config.mesh.shape, config.mesh.axes)
   n_data = parallel.data_parallel_size(mesh)
   if config.train.batch_size % n_data:
@@ -186,8 +190,9 @@ class _DebugLog:
 
   Appends JSON lines to ``<workdir>/sizes_process_<i>.jsonl`` (process-local, local file system only):
   ``{"step", "size", "indices"}`` per step (0-based step index, patch size, the record indices of this
-  process's local batch in order) and, after the last step, ``{"final_step", "params_sha256"}`` with one
-  digest of the parameters per local device (all must agree, on every process).
+  process's local batch in order) and, after the last step, ``{"final_step", "params_sha256",
+  "state_sha256"}``: SHA-256 of the parameters (of the whole TrainState) per local device id (replicated:
+  all must agree, on every process).
   """
 
   def __init__(self, workdir: str, enabled: bool):
@@ -208,11 +213,14 @@ class _DebugLog:
   def final(self, step: int, state: Any) -> None:
     if not self.enabled:
       return
-    digests = collections.defaultdict(hashlib.sha256)
-    for leaf in jax.tree.leaves(state.params):
-      for shard in leaf.addressable_shards:
-        digests[shard.device.id].update(np.ascontiguousarray(np.asarray(shard.data)).tobytes())
-    self._write({"final_step": step, "params_sha256": {str(d): h.hexdigest() for d, h in sorted(digests.items())}})
+    record = {"final_step": step}
+    for name, tree in (("params_sha256", state.params), ("state_sha256", state)):
+      digests = collections.defaultdict(hashlib.sha256)  # one per local device
+      for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+          digests[shard.device.id].update(np.ascontiguousarray(np.asarray(shard.data)).tobytes())
+      record[name] = {str(d): h.hexdigest() for d, h in sorted(digests.items())}
+    self._write(record)
     self._file.close()
     self.enabled = False
 
@@ -237,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                exp.resolution, exp.resolution, exp.channels, exp.num_classes)
 
   base_key = jax.random.key(config.seed)
-  k_init, k_train, k_sample = jax.random.split(base_key, 3)
+  k_init, k_train = jax.random.split(base_key, 2)
   variables = exp.init_variables(k_init)
   if tcfg.get("init_from"):
     variables = _load_init(tcfg.init_from, variables, exp.mesh)
@@ -289,7 +297,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       values = jax.device_get([m for _, m in pending])
       for i, ((size, _), m) in enumerate(zip(pending, values)):
         if not np.isfinite(float(m["loss"])):
-          bad = step - len(pending) + i
+          # 1-based like the logs: step N is the N-th step (it starts from checkpoint N-1's state).
+          bad = step - len(pending) + i + 1
+          # Let an in-flight async save commit first: exiting with it pending abandons it half-written
+          # (a '<step>.orbax-checkpoint-tmp' folder), and latest_step() would name a checkpoint that
+          # never completes.
+          ckpt.wait()
           raise FloatingPointError(
               f"non-finite loss at step {bad} (patch size {size}); training stopped. The last checkpoint "
               f"({ckpt.latest_step()}) was written before it and is intact; lower train.lr or check the "
@@ -335,10 +348,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("checkpoint %d (%s, %.1f kimg) saving to %s", step, reason, nimg / 1000, ckpt.directory)
 
   def write_grid() -> None:
-    if grid_fn is None:
+    if grid_fn is None or config.patch.latent:  # latents need the VAE decoder to become pictures
       return
-    imgs, _ = grid_fn(state.variables(ema=True), k_sample, 0)
-    imgs = np.asarray(jax.device_get(imgs))[:tcfg.grid_size]
+    # Same seed every time: grids at successive steps show the same noise, so progress is comparable.
+    imgs, _ = sampling.generate_images(grid_fn, state.variables(ema=True), num_images=tcfg.grid_size,
+                                       batch_size=grid_n, seed=config.seed + 3, log_every=10**9)
     grid = image_grid.make_grid(imgs, padding=1)
     if jax.process_index() == 0:
       path = image_grid.save_png(os.path.join(workdir, "samples", f"grid_{step:08d}.png"), grid)
@@ -444,14 +458,16 @@ def write_samples(exp: Experiment, variables: dict, workdir: str, num_images: in
                                             seed=seed)
   path = os.path.join(workdir, "samples.npz")
   if jax.process_index() == 0:
-    arrays = {"images": images}
+    os.makedirs(workdir, exist_ok=True)
+    arrays = {"latents" if exp.config.patch.latent else "images": images}
     if exp.num_classes:
       arrays["labels"] = labels
     tmp = path + ".tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-    grid = image_grid.make_grid(images[:min(len(images), 256)], padding=1)
-    image_grid.save_png(os.path.join(workdir, "samples.png"), grid)
+    if not exp.config.patch.latent:  # latents need the VAE decoder to become pictures
+      grid = image_grid.make_grid(images[:min(len(images), 256)], padding=1)
+      image_grid.save_png(os.path.join(workdir, "samples.png"), grid)
     logging.info("wrote %d samples to %s in %.1f s (grid: %s)", num_images, path, time.time() - t0,
                  os.path.join(workdir, "samples.png"))
   return path
