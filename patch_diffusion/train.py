@@ -117,11 +117,12 @@ def build_experiment(config: ml_collections.ConfigDict, *, check_data: bool = Tr
 
 
 def compile_steps(exp: Experiment, state: state_lib.TrainState, base_key: jax.Array,
-                  local_batch: int) -> dict[int, Callable]:
+                  local_batch: int, lower_only: bool = False) -> dict[int, Callable]:
   """Ahead-of-time compiles one donated, sharded train step per patch size; logs compile times.
 
   Tracing and lowering run in turn (they hold the GIL); the XLA compilations run in parallel threads.
-  Sizes the schedule never draws (e.g. real_p = 1) are skipped.
+  Sizes the schedule never draws (e.g. real_p = 1) are skipped. ``lower_only`` returns the lowered (not
+  yet compiled) computations, e.g. for backend-independent FLOP counts.
   """
   mesh = exp.mesh
   rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
@@ -142,6 +143,9 @@ def compile_steps(exp: Experiment, state: state_lib.TrainState, base_key: jax.Ar
     jitted = jax.jit(step_fn, in_shardings=(state_sharding, data, rep, rep, rep),
                      out_shardings=(state_sharding, rep), donate_argnums=(0,))
     lowered[size] = (n, jitted.lower(state, batch, scalar, scalar, base_key))
+
+  if lower_only:
+    return {size: low for size, (_, low) in lowered.items()}
 
   def compile_one(item):
     size, (n, low) = item
@@ -239,6 +243,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   exp = build_experiment(config)
   parallel.assert_same_on_all_hosts(config.to_dict(), "the config")
   tcfg = config.train
+  # An unwritable, read-only or full workdir fails here with the fix in the message, before anything
+  # is written (the writer below would fail with a bare OSError). Process 0 writes logs and metadata.
+  if jax.process_index() == 0:
+    checkpointing.ensure_writable(workdir)
   writer = metrics_lib.MetricWriter(workdir)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.keep_checkpoints)
   logging.info("dataset %s: %d images, %dx%dx%d, %d classes", exp.info.name, exp.info.num_examples,
@@ -303,10 +311,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           # (a '<step>.orbax-checkpoint-tmp' folder), and latest_step() would name a checkpoint that
           # never completes.
           ckpt.wait()
+          last_ckpt = ckpt.latest_step()
+          kept = (f"The last checkpoint ({last_ckpt}) was written before it and is intact" if last_ckpt is
+                  not None else "No checkpoint had been written yet")
           raise FloatingPointError(
-              f"non-finite loss at step {bad} (patch size {size}); training stopped. The last checkpoint "
-              f"({ckpt.latest_step()}) was written before it and is intact; lower train.lr or check the "
-              f"data, then resume.")
+              f"non-finite loss at step {bad} (patch size {size}); training stopped. {kept}; lower "
+              f"train.lr or check the data, then resume.")
       fetched += [(size, m) for (size, _), m in zip(pending, values)]
       pending = []
     if not (force_log and fetched):
