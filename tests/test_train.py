@@ -200,3 +200,17 @@ def test_bf16_compute_loss_close_to_fp32():
   assert abs(l16 - l32) / l32 < 0.02, (l16, l32)
   # Parameters stay float32 under bf16 compute.
   assert {x.dtype for x in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+
+
+def test_converted_fixture_network_samples_through_sample_mode(fixtures_dir, tmp_path):
+  """The PyTorch fixture network, converted without torch, samples through --mode=sample's code path."""
+  from patch_diffusion.tools import convert_torch  # pylint: disable=g-import-not-at-top
+  dst = tmp_path / "converted"
+  convert_torch.main([str(fixtures_dir / "edm_torch" / "ddpmpp_uncond_state_dict.pt"), str(dst)])
+  c = tiny(**{"sample.pretrained": str(dst), "sample.num_samples": 8, "sample.batch_size": 8,
+              "sample.num_steps": 4})
+  path = train.sample(c, str(tmp_path / "fresh_workdir"))  # the workdir does not exist yet
+  with np.load(path) as f:
+    images = f["images"]
+  assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8  # the converted net's 16×16×3
+  assert images.std() > 0
