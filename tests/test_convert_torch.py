@@ -1,121 +1,26 @@
-"""Torch-free readers (.pt zip / legacy, EDM .pkl snapshots, .npz) and the checkpoint converter.
+"""EDM / Patch Diffusion checkpoints read without torch (.pkl snapshots, .pt, .npz) and the converter.
 
-The EDM snapshot and legacy/zip archives are generated here byte-for-byte in the structure PyTorch and
-EDM's ``torch_utils.persistence`` write (same GLOBAL names, persistent ids, storage records), with a
-small pickler that emits globals by name, so no torch is needed.
+The EDM snapshots are generated here byte-for-byte in the structure EDM's ``torch_utils.persistence``
+writes (same GLOBAL names, persistent ids, storage records) with the torch-like pickler of
+``test_torch_formats.py``, so no torch is needed. The generic ``torch.save`` reader tests live there.
 """
 from __future__ import annotations
 
-import io
 import json
-import pickle
-import struct
-import zipfile
 
 import numpy as np
 import pytest
 
 from patch_diffusion.models.torch_mapping import torch_state_dict_to_variables
 from patch_diffusion.tools import convert_torch, torch_formats
+# The torch-like pickler shared by the reader tests (pytest puts tests/ on sys.path).
+from test_torch_formats import G, NewObj, Reduce, dumps, legacy_storage_bytes, ordered_dict, tensor
 
 FIXTURES = ("ddpmpp_uncond", "ddpmpp_cond", "ncsnpp_uncond", "adm_cond")
 
 
 # ------------------------------------------------------------------------------------------------
-# A pickler that writes PyTorch / EDM structures without importing them.
-
-
-class G:
-  """A global ``module.name``, written as GLOBAL (protocol < 4) or STACK_GLOBAL."""
-
-  def __init__(self, module, name):
-    self.module, self.name = module, name
-
-  def __call__(self, *args):  # pickle only checks callability of REDUCE functions
-    raise AssertionError("never called")
-
-
-class Reduce:
-  """Pickles as ``func(*args)`` [+ BUILD state] [+ SETITEMS items]."""
-
-  def __init__(self, func, args, state=None, items=None):
-    self.func, self.args, self.state, self.items = func, args, state, items
-
-  def __reduce__(self):
-    return (self.func, self.args, self.state, None, iter(self.items.items()) if self.items else None)
-
-
-class NewObj:
-  """Pickles like ``copyreg.__newobj__``: GLOBAL cls, EMPTY_TUPLE, NEWOBJ, state, BUILD."""
-
-  def __init__(self, cls, state):
-    self.cls, self.state = cls, state
-
-
-class PersId:
-  def __init__(self, pid):
-    self.pid = pid
-
-
-class TorchLikePickler(pickle._Pickler):
-  dispatch = pickle._Pickler.dispatch.copy()
-
-  def save_global_ref(self, obj):
-    if self.proto >= 4:
-      self.save(obj.module)
-      self.save(obj.name)
-      self.write(pickle.STACK_GLOBAL)
-    else:
-      self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())
-
-  def save_newobj(self, obj):
-    self.save(obj.cls)
-    self.write(pickle.EMPTY_TUPLE + pickle.NEWOBJ)
-    self.save(obj.state)
-    self.write(pickle.BUILD)
-
-  dispatch[G] = save_global_ref
-  dispatch[NewObj] = save_newobj
-
-  def persistent_id(self, obj):
-    return obj.pid if isinstance(obj, PersId) else None
-
-
-def dumps(obj, protocol):
-  buf = io.BytesIO()
-  TorchLikePickler(buf, protocol=protocol).dump(obj)
-  return buf.getvalue()
-
-
-STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float16): "HalfStorage",
-           np.dtype(np.int64): "LongStorage"}
-
-
-def ordered_dict(items):
-  return Reduce(G("collections", "OrderedDict"), (), items=dict(items))
-
-
-def tensor(storage, shape, stride=None, offset=0):
-  shape = tuple(shape)
-  if stride is None:
-    stride = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
-  return Reduce(G("torch._utils", "_rebuild_tensor_v2"),
-                (storage, offset, shape, tuple(stride), False, ordered_dict({})))
-
-
-def legacy_storage_bytes(array, key="140234"):
-  """What ``torch.save(storage, f, _use_new_zipfile_serialization=False)`` writes for one storage."""
-  flat = np.ascontiguousarray(array).reshape(-1)
-  buf = io.BytesIO()
-  for header in (0x1950A86A20F9469CFC6C, 1001,
-                 {"protocol_version": 1001, "little_endian": True,
-                  "type_sizes": {"short": 2, "int": 4, "long": 8}}):
-    pickle.dump(header, buf, protocol=2)
-  buf.write(dumps(PersId(("storage", G("torch", STORAGE[flat.dtype]), key, "cpu", flat.size, None)), 2))
-  pickle.dump([key], buf, protocol=2)
-  buf.write(struct.pack("<q", flat.size))
-  buf.write(flat.astype(flat.dtype.newbyteorder("<")).tobytes())
-  return buf.getvalue()
+# EDM structures (``torch_utils.persistence`` classes, torch.nn containers, pickled tensors).
 
 
 def pickled_tensor(array):
@@ -209,60 +114,6 @@ def test_torch_save_zip_fixture_matches_npz(fixtures_dir):
     np.testing.assert_array_equal(net.state_dict[key], value, err_msg=key)
 
 
-@pytest.mark.parametrize("byteorder", ["little", "big"])
-def test_zip_archive_strides_offsets_dtypes(tmp_path, byteorder):
-  base = np.arange(12, dtype=np.float32)
-  halfs = np.array([0.5, -2.0, 3.25], np.float16)
-  longs = np.array([7, -3], np.int64)
-  storage = lambda dtype, key, n: PersId(("storage", G("torch", STORAGE[np.dtype(dtype)]), key, "cpu", n))  # noqa: E731
-  s0, s1, s2 = storage(np.float32, "0", 12), storage(np.float16, "1", 3), storage(np.int64, "2", 2)
-  obj = ordered_dict({
-      "matrix": tensor(s0, (3, 4)),
-      "transposed": tensor(s0, (4, 3), stride=(1, 4)),       # a view sharing storage 0
-      "tail": tensor(s0, (2, 2), stride=(4, 1), offset=6),  # offset view
-      "half": tensor(s1, (3,)),
-      "long": tensor(s2, (2,)),
-      "scalar": tensor(s0, (), stride=(), offset=5),
-  })
-  order = "<" if byteorder == "little" else ">"
-  path = tmp_path / "weights.pt"
-  with zipfile.ZipFile(path, "w") as z:
-    z.writestr("weights/data.pkl", dumps(obj, 2))
-    z.writestr("weights/byteorder", byteorder)
-    for key, array in (("0", base), ("1", halfs), ("2", longs)):
-      z.writestr(f"weights/data/{key}", array.astype(array.dtype.newbyteorder(order)).tobytes())
-  sd = torch_formats.read_network(path).state_dict
-  np.testing.assert_array_equal(sd["matrix"], base.reshape(3, 4))
-  np.testing.assert_array_equal(sd["transposed"], base.reshape(3, 4).T)
-  np.testing.assert_array_equal(sd["tail"], base.reshape(3, 4)[1:3, 2:4])
-  np.testing.assert_array_equal(sd["half"], halfs)
-  assert sd["half"].dtype == np.float16 and sd["long"].dtype == np.int64
-  np.testing.assert_array_equal(sd["long"], longs)
-  assert sd["scalar"].shape == () and sd["scalar"] == 5.0
-
-
-def test_legacy_torch_save_file(tmp_path):
-  # The pre-1.6 torch.save stream of a state dict: header pickles, object pickle, keys, raw storages.
-  a = np.arange(6, dtype=np.float32).reshape(2, 3)
-  b = np.array([1.5, 2.5], np.float32)
-  buf = io.BytesIO()
-  for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
-    pickle.dump(header, buf, protocol=2)
-  sa = PersId(("storage", G("torch", "FloatStorage"), "94", "cpu", 6, None))
-  sb = PersId(("storage", G("torch", "FloatStorage"), "17", "cuda:0", 2, None))
-  buf.write(dumps(ordered_dict({"a": tensor(sa, (2, 3)), "b": tensor(sb, (2,)),
-                                "a_t": tensor(sa, (3, 2), stride=(1, 3))}), 2))
-  pickle.dump(["17", "94"], buf, protocol=2)
-  for array in (b, a):
-    buf.write(struct.pack("<q", array.size) + array.tobytes())
-  path = tmp_path / "legacy.pth"
-  path.write_bytes(buf.getvalue())
-  sd = torch_formats.read_network(path).state_dict
-  np.testing.assert_array_equal(sd["a"], a)
-  np.testing.assert_array_equal(sd["b"], b)
-  np.testing.assert_array_equal(sd["a_t"], a.T)
-
-
 def test_edm_snapshot_pickle_never_runs_embedded_code(fixtures_dir, tmp_path):
   state, meta = load_fixture_state(fixtures_dir, "ddpmpp_cond")
   marker = tmp_path / "marker.txt"
@@ -282,16 +133,6 @@ def test_edm_snapshot_pickle_never_runs_embedded_code(fixtures_dir, tmp_path):
     np.testing.assert_array_equal(net.state_dict[key], value, err_msg=key)
   with pytest.raises(KeyError, match="no entry 'ema_typo'"):
     torch_formats.read_network(path, key="ema_typo")
-
-
-def test_hostile_globals_are_refused(tmp_path):
-  marker = tmp_path / "pwned"
-  for func in (G("os", "system"), G("builtins", "eval"), G("subprocess", "check_call"),
-               G("builtins", "exec")):
-    payload = dumps({"ema": Reduce(func, (f"touch {marker}",))}, 4)
-    with pytest.raises(pickle.UnpicklingError, match="refusing"):
-      torch_formats.load_pickle(payload)
-  assert not marker.exists()
 
 
 def test_npz_reader(fixtures_dir, tmp_path):

