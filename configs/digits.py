@@ -38,4 +38,5 @@ def get_config():
   c.sample.num_steps = 18
   c.sample.num_samples = 1000
   c.sample.batch_size = 500
+  c.eval.batch_size = 125     # Inception at 299×299 on a laptop CPU: keep memory modest
   return c

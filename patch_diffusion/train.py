@@ -241,6 +241,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   jax.config.update("jax_threefry_partitionable", True)
   exp = build_experiment(config)
+  if config.eval.every_kimg > 0:
+    # In-training eval needs the Inception weights and pixel-space samples: fail now, not after training.
+    from patch_diffusion.evaluation import run_eval as eval_lib  # pylint: disable=g-import-not-at-top
+    eval_lib.check_evaluable(config)
+    eval_lib.inception_weights_path(config)
   parallel.assert_same_on_all_hosts(config.to_dict(), "the config")
   tcfg = config.train
   # An unwritable, read-only or full workdir fails here with the fix in the message, before anything
