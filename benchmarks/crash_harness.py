@@ -7,7 +7,7 @@ middle of an asynchronous checkpoint write) as ``python -m patch_diffusion.main`
 
 1. an uninterrupted reference run of ``steps`` steps;
 2. the same run, SIGKILLed ``kills`` times at seeded random moments (mostly a random number of steps into
-   the run plus a random fraction of a step, sometimes during start-up/restore) and restarted each time;
+   the run plus a random fraction of a step, every fourth during start-up/restore) and restarted each time;
    every restart must resume from the newest checkpoint that was complete on disk when it was killed;
 3. one SIGTERM (preemption): the process must save a checkpoint and exit 0; the time from the signal to
    the exit is measured;
@@ -146,17 +146,43 @@ def start(workdir: pathlib.Path, steps: int, devices: int, extra: dict | None = 
   return Run(proc, log, time.time())
 
 
-def wait_for_steps(run: Run, workdir: pathlib.Path, base_lines: int, n: int, timeout: float) -> bool:
-  """Waits until the run has started ``n`` steps (debug lines past ``base_lines``); False if it exited."""
+def wait_for_steps(run: Run, workdir: pathlib.Path, base_lines: int, n: int,
+                   timeout: float) -> tuple[bool, float]:
+  """Waits until the run has started ``n`` steps (debug lines past ``base_lines``).
+
+  Returns (reached, seconds of the last step seen, or 0.3 if only one was seen); reached is False if the
+  process exited first.
+  """
   path = workdir / "sizes_process_0.jsonl"
   deadline = time.time() + timeout
+  seen, stamps = 0, []
   while time.time() < deadline:
     if run.proc.poll() is not None:
-      return False
-    if _count_lines(path) - base_lines >= n:
-      return True
-    time.sleep(0.01)
+      return False, 0.0
+    count = _count_lines(path) - base_lines
+    if count > seen:
+      seen = count
+      stamps.append(time.time())
+    if seen >= n:
+      return True, (stamps[-1] - stamps[-2]) if len(stamps) > 1 else 0.3
+    time.sleep(0.005)
   raise TimeoutError(f"run did not reach {n} steps in {timeout} s; log {run.log}")
+
+
+#: Log lines of the start-up, in order (main.py, train.py, input_pipeline.py).
+STARTUP_MARKERS = ("JAX process", "network ", "train input:")
+
+
+def wait_for_log(run: Run, marker: str, timeout: float) -> bool:
+  """Waits until ``marker`` appears in the run's log; False if the process exited first."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if marker in run.text():
+      return True
+    if run.proc.poll() is not None:
+      return False
+    time.sleep(0.005)
+  raise TimeoutError(f"{marker!r} did not appear in {timeout} s; log {run.log}")
 
 
 def finish(run: Run, timeout: float) -> int:
@@ -216,8 +242,13 @@ def _indices_by_step(records: list[dict]) -> dict[int, list[int]]:
 
 
 def run_with_kills(root: pathlib.Path, steps: int, kills: int, seed: int, devices: int, reference: dict,
-                   timeout: float, startup_kill_p: float = 0.2, log=print) -> dict:
+                   timeout: float, startup_every: int = 4, log=print) -> dict:
   """SIGKILLs/restarts ``kills`` times, then one SIGTERM, then completes; checks every resume.
+
+  Kill number 3, 7, 11, ... (every ``startup_every``-th, starting with the third) aims at the start-up
+  (shortly after a random start-up milestone: before the restore, before or during compilation); the
+  others land a random 1-3 steps into training plus a random fraction of a step. Each kill is counted as
+  a start-up kill when the training loop had not started yet.
 
   Returns a report: kills, kills that left a half-written checkpoint, resume steps, SIGTERM save time.
   """
@@ -250,22 +281,31 @@ def run_with_kills(root: pathlib.Path, steps: int, kills: int, seed: int, device
     run = start(workdir, steps, devices, tag=f"attempt_{attempt:02d}")
     report["restarts"] += attempt > 0
     done_steps = max(committed_steps(workdir), default=0)
-    if rng.random() < startup_kill_p:
-      time.sleep(rng.uniform(0.5, 6.0))      # during imports, restore or compilation
-      mode = "startup"
+    if report["kills"] % startup_every == 2:
+      # Shortly after a random start-up milestone: JAX initialised, network built (restore next),
+      # input pipeline positioned (compilation next).
+      marker = rng.choice(STARTUP_MARKERS)
+      _check(wait_for_log(run, marker, timeout), f"attempt {attempt} exited before {marker!r}; log {run.log}")
+      time.sleep(rng.uniform(0.0, 0.3))
     else:
       target = rng.randint(1, 3)
-      if done_steps + target + 2 >= steps:
+      if done_steps + target + 4 >= steps:
         raise HarnessError(f"run too short for {kills} kills: {steps} steps; raise --steps")
-      reached = wait_for_steps(run, workdir, base, target, timeout)
+      reached, step_seconds = wait_for_steps(run, workdir, base, target, timeout)
       _check(reached, f"attempt {attempt} exited before step {target}: rc {run.proc.returncode}; "
                       f"log {run.log}")
-      time.sleep(rng.uniform(0.0, 0.6))      # somewhere in the step / checkpoint cycle
-      mode = "training"
+      # Somewhere in the next step or two: the step itself, the metrics fetch, the async save.
+      time.sleep(rng.uniform(0.0, 1.5 * min(step_seconds, 2.0)))
     _check(run.proc.poll() is None, f"attempt {attempt} finished before its kill; raise --steps")
     run.proc.send_signal(signal.SIGKILL)
     run.proc.wait()
-    in_flight = tmp_checkpoints(workdir)
+    mode = "training" if loop_started(run.text()) else "startup"
+    # Half-written checkpoints of steps this attempt was saving (a killed save leaves its
+    # '<step>.orbax-checkpoint-tmp' folder, which a later run removes: see the SIGTERM check below).
+    first_new = (resumed_step(run.text()) or 0) + 1
+    in_flight = [t for t in tmp_checkpoints(workdir) if mode == "training" and
+                 int(t.split(".")[0]) >= first_new and
+                 (workdir / "checkpoints" / t).stat().st_mtime >= run.started]
     report["kills"] += 1
     report["kills_during_startup"] += mode == "startup"
     report["kills_with_checkpoint_in_flight"] += bool(in_flight)
@@ -279,7 +319,7 @@ def run_with_kills(root: pathlib.Path, steps: int, kills: int, seed: int, device
   base = _count_lines(debug_path)
   run = start(workdir, steps, devices, tag=f"attempt_{attempt:02d}_sigterm")
   report["restarts"] += 1
-  _check(wait_for_steps(run, workdir, base, 2, timeout), f"SIGTERM run exited early; log {run.log}")
+  _check(wait_for_steps(run, workdir, base, 2, timeout)[0], f"SIGTERM run exited early; log {run.log}")
   t0 = time.time()
   run.proc.send_signal(signal.SIGTERM)
   rc = finish(run, timeout)
@@ -348,7 +388,7 @@ def run_nan(root: pathlib.Path, source: pathlib.Path, steps: int, devices: int, 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--kills", type=int, default=12)
-  p.add_argument("--steps", type=int, default=0, help="steps of the run (default: 3 per kill + 10)")
+  p.add_argument("--steps", type=int, default=0, help="steps of the run (default: 5 per kill + 10)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--devices", type=int, default=1, help="fake CPU devices per process")
   p.add_argument("--workdir", default="/tmp/patch_diffusion_crash_harness")
@@ -356,7 +396,7 @@ def main(argv=None) -> int:
   p.add_argument("--no-nan", action="store_true")
   p.add_argument("--json", default="", help="write the report here")
   args = p.parse_args(argv)
-  steps = args.steps or 3 * args.kills + 10
+  steps = args.steps or 5 * args.kills + 10
   root = pathlib.Path(args.workdir)
   root.mkdir(parents=True, exist_ok=True)
   t0 = time.time()

@@ -25,7 +25,12 @@ class CheckpointError(RuntimeError):
 
 
 def ensure_writable(directory: str) -> None:
-  """Creates ``directory`` and proves it is writable (fails before any training happens)."""
+  """Creates ``directory`` and proves it is writable (fails before any training happens).
+
+  Remote paths (``gs://...``) are left to Orbax, which creates and checks them itself.
+  """
+  if _is_url(directory):
+    return
   try:
     os.makedirs(directory, exist_ok=True)
     probe = os.path.join(directory, f".write_probe_{os.getpid()}")
@@ -36,6 +41,15 @@ def ensure_writable(directory: str) -> None:
     raise CheckpointError(
         f"cannot write to {directory!r} ({e.strerror or e}); choose a writable --workdir "
         f"(and check the disk is not full: df -h {os.path.dirname(os.path.abspath(directory))})") from e
+
+
+def _is_url(path: str) -> bool:
+  return "://" in str(path)
+
+
+def _absolute(path: str) -> str:
+  # os.path.abspath would turn 'gs://bucket/run' into '<cwd>/gs:/bucket/run'.
+  return str(path) if _is_url(path) else os.path.abspath(path)
 
 
 def abstract_like(tree: Any) -> Any:
@@ -50,7 +64,7 @@ class Checkpointer:
   """Async Orbax checkpoints of the training state plus JSON metadata, keep-last-K."""
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = _absolute(directory)
     if jax.process_index() == 0:
       ensure_writable(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
@@ -92,8 +106,18 @@ class Checkpointer:
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointError(
           f"checkpoint {step} in {self.directory} does not match the configured model "
-          f"(different architecture or sizes?): {e}. Use another --workdir, or the config the "
-          f"checkpoint was trained with (saved in its meta/config).") from e
+          f"(different architecture or sizes?) or is incomplete: {e}. Use another --workdir, or the "
+          f"config the checkpoint was trained with (saved in its meta/config).") from e
+    except Exception as e:  # pylint: disable=broad-except
+      # TensorStore / file-system errors (truncated or deleted files) otherwise surface as a bare
+      # Exception or FileNotFoundError with a page of TensorStore spec; say what it means and the fix.
+      older = [s for s in self.all_steps() if s < int(step)]
+      fix = (f"delete {os.path.join(self.directory, str(step))} to resume from checkpoint {older[-1]}"
+             if older else "restore its files or start in a fresh --workdir")
+      detail = str(e).split("\n", 1)[0].split(" See full TensorStore details")[0][:300]
+      raise CheckpointError(
+          f"checkpoint {step} in {self.directory} cannot be read: its files are damaged or incomplete "
+          f"({type(e).__name__}: {detail}); {fix}") from e
     _check_shapes(abstract, restored["state"], step, self.directory)
     return restored["state"], dict(restored["meta"])
 
@@ -103,11 +127,22 @@ class Checkpointer:
     return dict(restored["meta"])
 
   def wait(self) -> None:
-    """Blocks until any in-flight asynchronous save is committed."""
-    self._manager.wait_until_finished()
+    """Blocks until any in-flight asynchronous save is committed.
+
+    Raises:
+      CheckpointError: the background write failed (e.g. the disk filled up); earlier checkpoints are
+        intact, the failed one stays an uncommitted ``<step>.orbax-checkpoint-tmp`` folder.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except OSError as e:
+      # An asynchronous save reports its I/O error only here; name the fix like a synchronous one.
+      raise CheckpointError(f"writing a checkpoint to {self.directory} failed: {e}. Earlier checkpoints "
+                            f"are untouched (latest complete: {self.latest_step()}); free disk space "
+                            f"and resume") from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 

@@ -12,7 +12,8 @@ DTYPES = ("float32", "bfloat16")
 
 
 def _positive(value, name: str, allow_zero: bool = False) -> None:
-  if value is None or (value < 0 if allow_zero else value <= 0):
+  # Written as `not (value > 0)` so that NaN (for which every comparison is False) is rejected too.
+  if value is None or not (value >= 0 if allow_zero else value > 0):
     bound = ">= 0" if allow_zero else "> 0"
     raise ValueError(f"{name} = {value!r} must be {bound}")
 

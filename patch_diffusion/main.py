@@ -93,11 +93,35 @@ def _config_package_on_path(argv) -> None:
         sys.path.insert(0, root)
 
 
+def _parse_flags(argv):
+  """absl's flag parsing, with an unknown ``--config.<field>`` reported in one line.
+
+  ml_collections rejects a field missing from the (locked) config with a chained KeyError/AttributeError
+  traceback; turn it into a flags error naming the argument, its did-you-mean hint and where the fields
+  are listed.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    inner = e
+    while inner.args and isinstance(inner.args[0], BaseException):
+      inner = inner.args[0]
+    key, _, hint = str(inner.args[0] if inner.args else inner).partition("\n")
+    name = key.strip("'\"")
+    culprits = [a for a in argv[1:] if a.startswith("--config.") and
+                name in a.split("=", 1)[0].split(".")] or [a for a in argv[1:] if a.startswith("--config.")]
+    hint = f" ({hint.strip()})" if hint.strip() else ""
+    sys.stderr.write(f"FATAL Flags parsing error: unknown config field '{name}' in {' '.join(culprits)}"
+                     f"{hint}; every field and its default is listed in configs/default.py\n")
+    sys.exit(1)
+
+
 def run() -> None:
   """Console-script entry point (``patch-diffusion --config=... --workdir=...``)."""
   import sys  # pylint: disable=g-import-not-at-top
   _config_package_on_path(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
