@@ -10,7 +10,6 @@ never trains it twice).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
@@ -30,11 +29,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from configs import tiny_test
 from patch_diffusion import checkpointing
 from patch_diffusion import train
 from patch_diffusion.data import datasets
 from patch_diffusion.data import input_pipeline
+from helpers import tiny, tree_digest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "RELIABILITY.md"
@@ -97,25 +96,6 @@ def write_table(rows) -> None:
       "",
   ]
   DOC.write_text("\n".join(lines))
-
-
-def tiny(**overrides) -> ml_collections.ConfigDict:
-  c = tiny_test.get_config()
-  for dotted, value in overrides.items():
-    node = c
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def tree_digest(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  for p in sorted(path.rglob("*")):
-    if p.is_file():
-      h.update(str(p.relative_to(path)).encode() + b"\0" + p.read_bytes())
-  return h.hexdigest()
 
 
 # ---- command line ---------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from patch_diffusion import state as state_lib
 from patch_diffusion import train
 from patch_diffusion.data import datasets
 from patch_diffusion.data import input_pipeline
+from helpers import read_jsonl, tree_digest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "local_multiprocess.sh"
@@ -80,18 +81,6 @@ def run_two_processes(workdir: pathlib.Path, logs: pathlib.Path, extra=()) -> su
          "patch_diffusion.main", f"--config={REPO / 'configs' / 'tiny_test.py'}", f"--workdir={workdir}"]
   cmd += [f"--config.{k}={flag(v)}" for k, v in OVERRIDES.items()] + list(extra)
   return subprocess.run(cmd, cwd=REPO, env=launcher_env(), timeout=900, capture_output=True, text=True)
-
-
-def read_jsonl(path: pathlib.Path) -> list[dict]:
-  return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def tree_digest(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  for p in sorted(path.rglob("*")):
-    if p.is_file():
-      h.update(str(p.relative_to(path)).encode() + b"\0" + p.read_bytes())
-  return h.hexdigest()
 
 
 def params_sha256(params) -> str:

@@ -19,6 +19,7 @@ from patch_diffusion.data import patches
 from patch_diffusion.evaluation import inception_weights
 from patch_diffusion.evaluation import metrics as fid_metrics
 from patch_diffusion.evaluation import run_eval
+from helpers import read_jsonl
 
 NUM_SAMPLES = 20
 BATCH = 8
@@ -41,11 +42,6 @@ def eval_config(data_dir, **eval_overrides):
   for k, v in eval_overrides.items():
     c.eval[k] = v
   return c
-
-
-def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The trainer end to end on 8 fake CPU devices (patch_diffusion/train.py, steps.py, state.py)."""
-import json
 import os
 
 import jax
@@ -8,36 +7,13 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import tiny_test
 from patch_diffusion import checkpointing
 from patch_diffusion import parallel
 from patch_diffusion import state as state_lib
 from patch_diffusion import steps as steps_lib
 from patch_diffusion import train
 from patch_diffusion.data import datasets
-
-
-def tiny(**overrides):
-  c = tiny_test.get_config()
-  for dotted, value in overrides.items():
-    node = c
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
-
-
-def steps_to_kimg(c, n):
-  """total_kimg that makes the run exactly ``n`` steps long."""
-  from patch_diffusion.data import patches  # pylint: disable=g-import-not-at-top
-  sched = patches.PatchSchedule(c.data.resolution, c.patch.schedule, c.patch.real_p, c.patch.latent)
-  return (n - 0.5) * c.train.batch_size * sched.average_batch_mul / 1000
-
-
-def read_jsonl(path):
-  with open(path) as f:
-    return [json.loads(line) for line in f]
+from helpers import read_jsonl, steps_to_kimg, tiny
 
 
 def restore_params(workdir, config, step=None):

@@ -15,7 +15,6 @@ Definitions follow the reference implementations that the paper's numbers come f
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pathlib
 from typing import Any, Optional, Union
