@@ -2,8 +2,11 @@
 import hashlib
 import json
 import pathlib
+import struct
+import zlib
 
 import ml_collections
+import numpy as np
 
 from configs import tiny_test
 from patch_diffusion.data import patches
@@ -39,3 +42,15 @@ def tree_digest(path: pathlib.Path) -> str:
     if p.is_file():
       h.update(str(p.relative_to(path)).encode() + b"\0" + p.read_bytes())
   return h.hexdigest()
+
+
+def write_png16_rgb(path: pathlib.Path, arr: np.ndarray) -> None:
+  """Writes ``arr`` (uint16 [H, W, 3]) as a 16-bit-per-channel RGB PNG by hand (PIL cannot write one)."""
+  h, w, _ = arr.shape
+  raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+  body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(raw))
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b""))

@@ -16,12 +16,10 @@ import os
 import pathlib
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
 import time
-import zlib
 
 import jax
 import ml_collections
@@ -33,7 +31,7 @@ from patch_diffusion import checkpointing
 from patch_diffusion import train
 from patch_diffusion.data import datasets
 from patch_diffusion.data import input_pipeline
-from helpers import tiny, tree_digest
+from helpers import tiny, tree_digest, write_png16_rgb
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "RELIABILITY.md"
@@ -167,18 +165,6 @@ def test_negative_seed(tmp_path):
 R = 8
 
 
-def _png16_rgb(path: pathlib.Path, arr: np.ndarray) -> None:
-  """A 16-bit-per-channel RGB PNG written by hand (PIL cannot write one)."""
-  h, w, _ = arr.shape
-  raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)
-
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-  body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(raw))
-  path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b""))
-
-
 def _noise_bytes(fmt: str) -> bytes:
   buf = io.BytesIO()
   PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, fmt)
@@ -211,7 +197,7 @@ def _write_case(kind: str, path_dir: pathlib.Path) -> str:
     PIL.Image.fromarray(np.full((12, 12), 30000, np.uint16)).save(path_dir / "gray16.png")
     return "gray16.png"
   if kind == "rgb16":
-    _png16_rgb(path_dir / "rgb16.png", np.full((12, 12, 3), (0xABCD, 0x1234, 0xFFFF), np.uint16))
+    write_png16_rgb(path_dir / "rgb16.png", np.full((12, 12, 3), (0xABCD, 0x1234, 0xFFFF), np.uint16))
     return "rgb16.png"
   if kind == "non_square":
     arr = np.zeros((20, 40, 3), np.uint8)

@@ -6,29 +6,15 @@ import json
 import logging
 import os
 import pathlib
-import struct
-import zlib
 
 import numpy as np
 import PIL.Image
 import pytest
 
 from patch_diffusion.data import image_folder
+from helpers import write_png16_rgb
 
 R = 8
-
-
-def _png16_rgb(path: pathlib.Path, arr: np.ndarray) -> None:
-  """Writes a 16-bit-per-channel RGB PNG by hand (PIL cannot write one)."""
-  h, w, _ = arr.shape
-  raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in arr)
-
-  def chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-  ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-  body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-  path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
 
 
 def _encoded(img: PIL.Image.Image, fmt: str, **kw) -> bytes:
@@ -62,7 +48,7 @@ def messy_folder(tmp_path: pathlib.Path) -> pathlib.Path:
   PIL.Image.fromarray(np.full((12, 12), 100, np.uint8), "L").save(d / "b_gray.png")
   PIL.Image.new("CMYK", (12, 12), (0, 255, 255, 0)).save(d / "c_cmyk.jpg", quality=95)  # pure red in CMYK
   PIL.Image.fromarray(np.full((12, 12), 30000, np.uint16)).save(d / "d_gray16.png")
-  _png16_rgb(d / "e_rgb16.png", np.full((12, 12, 3), (0xABCD, 0x1234, 0xFFFF), np.uint16))
+  write_png16_rgb(d / "e_rgb16.png", np.full((12, 12, 3), (0xABCD, 0x1234, 0xFFFF), np.uint16))
   rgba = np.zeros((12, 12, 4), np.uint8)
   rgba[..., 2] = 255  # blue...
   rgba[:, :6, 3] = 255  # ...opaque on the left half, fully transparent on the right half
