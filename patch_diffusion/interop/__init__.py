@@ -1,0 +1,1 @@
+"""Readers and name mappings for weights made by other frameworks (PyTorch, diffusers)."""
