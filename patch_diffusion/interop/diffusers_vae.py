@@ -1,4 +1,4 @@
-"""diffusers ``AutoencoderKL`` weights (safetensors) -> Flax params of ``patch_diffusion.models.vae``, no torch.
+"""diffusers ``AutoencoderKL`` weights (safetensors) -> Flax params of ``models.vae``, without torch.
 
 Accepted inputs (``load_vae``):
 
@@ -50,8 +50,7 @@ LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj
 #: Flax module names of the attention projections (linear layers).
 _ATTENTION_PROJECTIONS = frozenset({"to_q", "to_k", "to_v", "to_out_0"})
 # Names only CompVis/LDM checkpoints use; they get a hint in the error instead of a silent mismatch.
-_COMPVIS = re.compile(r"(^first_stage_model\.|\.down\.\d+\.block\.|\.up\.\d+\.block\.|nin_shortcut|\.attn_1\.|"
-                      r"\.norm_out\.)")
+_COMPVIS = re.compile(r"^first_stage_model\.|\.(down|up)\.\d+\.block\.|nin_shortcut|\.attn_1\.|\.norm_out\.")
 
 ConfigLike = Union[None, str, os.PathLike, Mapping[str, Any], VAEConfig]
 
@@ -198,7 +197,7 @@ def map_state_dict_shapes(shapes: Mapping[str, Sequence[int]],
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: VAEConfig) -> dict:
-  """diffusers ``AutoencoderKL`` state dict (PyTorch layouts) -> ``{'params': ...}`` for ``AutoencoderKL(config)``.
+  """diffusers ``AutoencoderKL`` state dict (PyTorch layouts) -> ``{'params': ...}`` of ``AutoencoderKL``.
 
   Args:
     state_dict: name -> array (numpy, any float dtype), either attention naming.

@@ -165,14 +165,18 @@ def _conv(features: int, kernel: int, dtype, name: str, *, stride: int = 1, padd
                  dtype=dtype, param_dtype=jnp.float32, kernel_init=_KERNEL_INIT, name=name)
 
 
-def _norm(groups: int, name: str) -> GroupNorm:
+def group_norm(groups: int, name: str | None = None) -> GroupNorm:
+  """The VAE's GroupNorm: exactly ``groups`` groups, eps 1e-6, float32 statistics, output in input dtype."""
   # min_channels_per_group=1 turns EDM's min(32, C // 4) rule into a plain `groups` (the config checks
   # that every channel count is a multiple of it).
   return GroupNorm(num_groups=groups, min_channels_per_group=1, eps=NORM_EPS, name=name)
 
 
 class ResnetBlock(nn.Module):
-  """diffusers ``ResnetBlock2D`` without time embedding: ``shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))``."""
+  """diffusers ``ResnetBlock2D`` without time embedding.
+
+  ``shortcut(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))``, ``shortcut`` a 1×1 conv when channels change.
+  """
   out_channels: int
   groups: int
   dtype: Any = jnp.float32
@@ -180,8 +184,8 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Maps ``x`` [N,H,W,C] to [N,H,W,out_channels] in ``dtype``."""
-    h = _conv(self.out_channels, 3, self.dtype, "conv1")(nn.silu(_norm(self.groups, "norm1")(x)))
-    h = _conv(self.out_channels, 3, self.dtype, "conv2")(nn.silu(_norm(self.groups, "norm2")(h)))
+    h = _conv(self.out_channels, 3, self.dtype, "conv1")(nn.silu(group_norm(self.groups, "norm1")(x)))
+    h = _conv(self.out_channels, 3, self.dtype, "conv2")(nn.silu(group_norm(self.groups, "norm2")(h)))
     if x.shape[-1] != self.out_channels:
       x = _conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
     return x + h
@@ -200,7 +204,7 @@ class Attention(nn.Module):
   def __call__(self, x: Array) -> Array:
     """Maps ``x`` [N,H,W,C] to [N,H,W,C] in ``dtype``."""
     n, h, w, c = x.shape
-    tokens = _norm(self.groups, "group_norm")(x).reshape(n, h * w, c)
+    tokens = group_norm(self.groups, "group_norm")(x).reshape(n, h * w, c)
     dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32,  # noqa: E731
                                   kernel_init=_KERNEL_INIT, name=name)
     q, k, v = dense("to_q")(tokens), dense("to_k")(tokens), dense("to_v")(tokens)
@@ -211,7 +215,7 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-  """diffusers ``Downsample2D(padding=0)``: zero-pad one column right and one row below, 3×3 conv, stride 2."""
+  """diffusers ``Downsample2D(padding=0)``: zero-pad right and bottom by one, 3×3 conv with stride 2."""
   channels: int
   dtype: Any = jnp.float32
 
@@ -297,7 +301,7 @@ class Encoder(nn.Module):
       x = EncoderLevel(c, cfg.layers_per_block, i < len(channels) - 1, cfg.norm_num_groups, self.dtype,
                        name=f"down_blocks_{i}")(x)
     x = MidBlock(cfg.norm_num_groups, self.dtype, name="mid_block")(x)
-    x = nn.silu(_norm(cfg.norm_num_groups, "conv_norm_out")(x))
+    x = nn.silu(group_norm(cfg.norm_num_groups, "conv_norm_out")(x))
     return _conv(2 * cfg.latent_channels, 3, self.dtype, "conv_out")(x)
 
 
@@ -315,7 +319,7 @@ class Decoder(nn.Module):
     for i, c in enumerate(channels):
       x = DecoderLevel(c, cfg.layers_per_block + 1, i < len(channels) - 1, cfg.norm_num_groups,
                        self.dtype, name=f"up_blocks_{i}")(x)
-    x = nn.silu(_norm(cfg.norm_num_groups, "conv_norm_out")(x))
+    x = nn.silu(group_norm(cfg.norm_num_groups, "conv_norm_out")(x))
     return _conv(cfg.out_channels, 3, self.dtype, "conv_out")(x)
 
 
