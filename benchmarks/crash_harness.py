@@ -38,6 +38,9 @@ import sys
 import time
 from typing import Any
 
+from patch_diffusion import checkpointing
+from patch_diffusion.tools import cli
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 #: Images per step of the harness config (tiny_test batch, one patch size: multiplier 1).
 BATCH = 16
@@ -85,6 +88,24 @@ def committed_steps(workdir: pathlib.Path) -> list[int]:
 def tmp_checkpoints(workdir: pathlib.Path) -> list[str]:
   ckpt = workdir / "checkpoints"
   return sorted(p.name for p in ckpt.iterdir() if p.name.endswith(TMP_SUFFIX)) if ckpt.is_dir() else []
+
+
+def verify_committed(workdir: pathlib.Path) -> dict[int, str]:
+  """Manifest verdict of every committed checkpoint (``'verified'`` is the only good answer)."""
+  return {s: checkpointing.verify(workdir / "checkpoints" / str(s)).status for s in committed_steps(workdir)}
+
+
+def wait_for_tmp_checkpoint(run: "Run", workdir: pathlib.Path, first_step: int, timeout: float) -> bool:
+  """Polls (every ~1 ms) until an uncommitted checkpoint of a step >= ``first_step`` exists; False if the
+  process exited first. Used to SIGKILL exactly while an asynchronous checkpoint write is in flight."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if any(int(t.split(".")[0]) >= first_step for t in tmp_checkpoints(workdir)):
+      return True
+    if run.proc.poll() is not None:
+      return False
+    time.sleep(0.001)
+  raise TimeoutError(f"no checkpoint write seen in {timeout} s; log {run.log}")
 
 
 def read_meta(workdir: pathlib.Path, step: int) -> dict:
@@ -247,8 +268,11 @@ def run_with_kills(root: pathlib.Path, steps: int, kills: int, seed: int, device
 
   Kill number 3, 7, 11, ... (every ``startup_every``-th, starting with the third) aims at the start-up
   (shortly after a random start-up milestone: before the restore, before or during compilation); the
-  others land a random 1-3 steps into training plus a random fraction of a step. Each kill is counted as
-  a start-up kill when the training loop had not started yet.
+  others land a random 1-3 steps into training plus a random fraction of a step, except the first, which
+  waits for an uncommitted checkpoint folder to appear and kills at once (so at least one kill always
+  lands while an asynchronous checkpoint write is in flight). Each kill is counted as a start-up kill when
+  the training loop had not started yet. After every kill, every committed checkpoint must verify against
+  its manifest.
 
   Returns a report: kills, kills that left a half-written checkpoint, resume steps, SIGTERM save time.
   """
@@ -281,7 +305,11 @@ def run_with_kills(root: pathlib.Path, steps: int, kills: int, seed: int, device
     run = start(workdir, steps, devices, tag=f"attempt_{attempt:02d}")
     report["restarts"] += attempt > 0
     done_steps = max(committed_steps(workdir), default=0)
-    if report["kills"] % startup_every == 2:
+    if report["kills"] == 0:
+      # Kill the moment a checkpoint write of this attempt is seen in flight.
+      _check(wait_for_tmp_checkpoint(run, workdir, done_steps + 1, timeout),
+             f"attempt {attempt} exited before writing a checkpoint; log {run.log}")
+    elif report["kills"] % startup_every == 2:
       # Shortly after a random start-up milestone: JAX initialised, network built (restore next),
       # input pipeline positioned (compilation next).
       marker = rng.choice(STARTUP_MARKERS)
@@ -310,6 +338,10 @@ def run_with_kills(root: pathlib.Path, steps: int, kills: int, seed: int, device
     report["kills_during_startup"] += mode == "startup"
     report["kills_with_checkpoint_in_flight"] += bool(in_flight)
     check_resume(run)
+    verdicts = verify_committed(workdir)
+    _check(all(v == "verified" for v in verdicts.values()),
+           f"kill {report['kills']}: committed checkpoints that fail their manifest: {verdicts}")
+    report["verified_checkpoints"] = report.get("verified_checkpoints", 0) + len(verdicts)
     expected_resume = max(committed_steps(workdir), default=None)
     log(f"kill {report['kills']:2d} ({mode}): complete checkpoints {committed_steps(workdir)}, "
         f"in flight {in_flight}")
@@ -327,8 +359,8 @@ def run_with_kills(root: pathlib.Path, steps: int, kills: int, seed: int, device
   text = run.text()
   _check(rc == 0, f"SIGTERM: exit code {rc}, expected 0; log {run.log}")
   check_resume(run)
-  m = re.search(r"preempted at step (\d+)", text)
-  _check(m is not None, f"SIGTERM: no 'preempted at step' in the log {run.log}")
+  m = re.search(r"SIGTERM: stopped at step (\d+); checkpoint \1 committed", text)
+  _check(m is not None, f"SIGTERM: no 'SIGTERM: stopped at step N; checkpoint N committed' in the log {run.log}")
   report["sigterm_step"] = int(m.group(1))
   _check(max(committed_steps(workdir)) == report["sigterm_step"],
          f"SIGTERM: newest checkpoint {committed_steps(workdir)} is not the preemption step "
@@ -353,6 +385,8 @@ def run_with_kills(root: pathlib.Path, steps: int, kills: int, seed: int, device
            f"{reference['final'][key]}")
   indices = _indices_by_step(records)
   _check(indices == reference["indices"], "the examples consumed per step differ from the reference")
+  verdicts = verify_committed(workdir)
+  _check(verdicts and all(v == "verified" for v in verdicts.values()), f"final checkpoints: {verdicts}")
   report["workdir"] = str(workdir)
   report["final_params_sha256"] = next(iter(final[0]["params_sha256"].values()))
   return report
@@ -385,14 +419,14 @@ def run_nan(root: pathlib.Path, source: pathlib.Path, steps: int, devices: int, 
           "checkpoints_after": after}
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--kills", type=int, default=12)
-  p.add_argument("--steps", type=int, default=0, help="steps of the run (default: 5 per kill + 10)")
+def _main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python benchmarks/crash_harness.py", description=__doc__.split("\n")[0])
+  p.add_argument("--kills", type=cli.positive_int, default=12)
+  p.add_argument("--steps", type=cli.nonnegative_int, default=0, help="steps of the run (default: 5 per kill + 10)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--devices", type=int, default=1, help="fake CPU devices per process")
+  p.add_argument("--devices", type=cli.positive_int, default=1, help="fake CPU devices per process")
   p.add_argument("--workdir", default="/tmp/patch_diffusion_crash_harness")
-  p.add_argument("--timeout", type=float, default=600.0, help="seconds per process")
+  p.add_argument("--timeout", type=cli.positive_float, default=600.0, help="seconds per process")
   p.add_argument("--no-nan", action="store_true")
   p.add_argument("--json", default="", help="write the report here")
   args = p.parse_args(argv)
@@ -410,6 +444,11 @@ def main(argv=None) -> int:
   if args.json:
     pathlib.Path(args.json).write_text(json.dumps(report, indent=2, default=str))
   return 0
+
+
+def main(argv=None) -> int:
+  """A bad input ends in one line naming the problem (exit 1), not a traceback."""
+  return cli.run(_main, argv, prog="crash_harness.py")
 
 
 if __name__ == "__main__":

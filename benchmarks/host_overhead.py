@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from patch_diffusion import train  # noqa: E402
+from patch_diffusion.tools import cli  # noqa: E402
 from patch_diffusion.data import datasets  # noqa: E402
 from patch_diffusion.data import input_pipeline  # noqa: E402
 
@@ -66,19 +67,19 @@ def run(config, steps: int, synthetic: int, workdir: str) -> dict:
           "intervals": len(records), "images_per_step": images_per_step}
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True)
+def _main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python benchmarks/host_overhead.py", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, type=cli.existing_file)
   parser.add_argument("--set", action="append", default=[])
-  parser.add_argument("--steps", type=int, default=60)
-  parser.add_argument("--synthetic", type=int, default=0)
+  parser.add_argument("--steps", type=cli.positive_int, default=60)
+  parser.add_argument("--synthetic", type=cli.nonnegative_int, default=0)
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  config = common.load_config(args.config, args.set)
+  config = common.load_config(str(args.config), args.set)
   with tempfile.TemporaryDirectory() as tmp:
     result = run(config, args.steps, args.synthetic, tmp)
-  result.update(config=args.config, overrides=args.set, steps=args.steps, synthetic=args.synthetic)
-  name = os.path.splitext(os.path.basename(args.config))[0]
+  result.update(config=str(args.config), overrides=args.set, steps=args.steps, synthetic=args.synthetic)
+  name = os.path.splitext(os.path.basename(str(args.config)))[0]
   out = args.out or os.path.join(common.ROOT, "benchmarks", "results", f"host_overhead_{name}.json")
   print(f"# host overhead: {args.config} {' '.join(args.set)}")
   common.print_table([result], [
@@ -88,6 +89,11 @@ def main(argv=None) -> int:
       ("consumed_images_per_s", "consumed img/s", ".0f"), ("headroom", "headroom", ".1f")])
   print(f"wrote {common.write_json(out, result)}")
   return 0
+
+
+def main(argv=None) -> int:
+  """A bad input ends in one line naming the problem (exit 1), not a traceback."""
+  return cli.run(_main, argv, prog="host_overhead.py")
 
 
 if __name__ == "__main__":

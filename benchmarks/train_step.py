@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 from patch_diffusion import parallel  # noqa: E402
 from patch_diffusion import state as state_lib  # noqa: E402
 from patch_diffusion import train  # noqa: E402
+from patch_diffusion.tools import cli  # noqa: E402
 
 
 def run(config, steps: int) -> dict:
@@ -89,17 +90,17 @@ def _only(exp, size):
   return dataclasses.replace(exp, schedule=sched)
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--config", required=True)
+def _main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python benchmarks/train_step.py", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, type=cli.existing_file)
   parser.add_argument("--set", action="append", default=[], help="config override a.b=value (repeatable)")
-  parser.add_argument("--steps", type=int, default=10, help="timed steps per patch size (median)")
+  parser.add_argument("--steps", type=cli.positive_int, default=10, help="timed steps per patch size (median)")
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
-  config = common.load_config(args.config, args.set)
+  config = common.load_config(str(args.config), args.set)
   result = run(config, args.steps)
-  result.update(config=args.config, overrides=args.set, steps=args.steps, batch_size=config.train.batch_size)
-  name = os.path.splitext(os.path.basename(args.config))[0]
+  result.update(config=str(args.config), overrides=args.set, steps=args.steps, batch_size=config.train.batch_size)
+  name = os.path.splitext(os.path.basename(str(args.config)))[0]
   out = args.out or os.path.join(common.ROOT, "benchmarks", "results", f"train_step_{name}.json")
   print(f"# train step: {args.config} {' '.join(args.set)} on {result['machine']['num_devices']}x "
         f"{result['machine']['device_kind']}; matmul peak {result['matmul_peak_tflops'] * 1e3:.1f} GFLOP/s")
@@ -113,6 +114,11 @@ def main(argv=None) -> int:
         f"{result['speedup_per_counted_image_vs_full']:.2f}x")
   print(f"wrote {common.write_json(out, result)}")
   return 0
+
+
+def main(argv=None) -> int:
+  """A bad input ends in one line naming the problem (exit 1), not a traceback."""
+  return cli.run(_main, argv, prog="train_step.py")
 
 
 if __name__ == "__main__":

@@ -76,6 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every_steps = 100
   t.checkpoint_every_steps = 5000
   t.keep_checkpoints = 3
+  # A checkpoint whose files differ from its manifest is never restored. False (default): stop with an
+  # error naming the damaged file. True: move damaged checkpoints to <workdir>/checkpoints_damaged/ and
+  # resume from the newest intact one.
+  t.skip_damaged_checkpoints = False
   t.preemption_check_every_steps = 10  # multi-host: how often hosts agree on a SIGTERM (a small sync)
   t.sample_every_steps = 10_000  # PNG/TensorBoard grid from the EMA network; 0 disables
   t.grid_size = 64               # images in a sample grid

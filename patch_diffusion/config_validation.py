@@ -65,3 +65,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _positive(s.batch_size, "sample.batch_size")
   if not 0 < s.sigma_min < s.sigma_max:
     raise ValueError(f"need 0 < sample.sigma_min < sample.sigma_max, got {s.sigma_min}, {s.sigma_max}")
+  v = config.eval
+  if not v.num_samples >= 2:
+    raise ValueError(f"eval.num_samples = {v.num_samples!r}: FID needs at least 2 generated images "
+                     f"(the paper's protocol uses 50000)")
+  _positive(v.batch_size, "eval.batch_size")
+  _positive(v.every_kimg, "eval.every_kimg", allow_zero=True)
+  _positive(v.ref_num_images, "eval.ref_num_images", allow_zero=True)
+  if v.every_kimg > 0 and not v.train_num_samples >= 2:
+    raise ValueError(f"eval.train_num_samples = {v.train_num_samples!r}: in-training FID needs at least 2 "
+                     f"images (or set eval.every_kimg=0)")

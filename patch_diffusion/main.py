@@ -63,21 +63,37 @@ class _QuietLibraries:
     return record.levelno >= 30 or not any(s in record.pathname for s in self.NOISY)
 
 
+#: Errors a user causes (a bad value, a missing or damaged file, a busy workdir, a diverged run): one
+#: FATAL line naming the fix, exit code 1, no traceback (PATCH_DIFFUSION_TRACEBACK=1 shows it).
+_USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.set_verbosity(logging.INFO)
-  _init_distributed()
+  try:
+    _init_distributed()
+    _dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+  except _USER_ERRORS as e:
+    if os.environ.get("PATCH_DIFFUSION_TRACEBACK") == "1":
+      raise
+    logging.error("%s: %s", type(e).__name__, e)
+    import sys  # pylint: disable=g-import-not-at-top
+    sys.stderr.write(f"FATAL {type(e).__name__}: {e}\n(PATCH_DIFFUSION_TRACEBACK=1 shows the traceback)\n")
+    sys.exit(1)
+
+
+def _dispatch(config, workdir: str, mode: str) -> None:
   from patch_diffusion import train  # pylint: disable=g-import-not-at-top
-  config = FLAGS.config
-  if FLAGS.mode == "train":
-    train.train_and_evaluate(config, FLAGS.workdir)
-  elif FLAGS.mode == "sample":
-    train.sample(config, FLAGS.workdir)
+  if mode == "train":
+    train.train_and_evaluate(config, workdir)
+  elif mode == "sample":
+    train.sample(config, workdir)
   else:
     from patch_diffusion.evaluation import run_eval  # pylint: disable=g-import-not-at-top
-    run_eval.evaluate(config, FLAGS.workdir)
+    run_eval.evaluate(config, workdir)
 
 
 def _config_package_on_path(argv) -> None:

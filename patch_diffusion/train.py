@@ -28,6 +28,7 @@ from patch_diffusion import checkpointing
 from patch_diffusion import image_grid
 from patch_diffusion import metrics as metrics_lib
 from patch_diffusion import parallel
+from patch_diffusion import run_lock
 from patch_diffusion import sampling
 from patch_diffusion import state as state_lib
 from patch_diffusion import steps as steps_lib
@@ -163,24 +164,36 @@ def compile_steps(exp: Experiment, state: state_lib.TrainState, base_key: jax.Ar
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls (save, then exit cleanly)."""
+  """Turns SIGTERM (preemption, ``kill``) and SIGINT (Ctrl-C) into a flag the loop polls: it saves a
+  checkpoint and exits cleanly. A second Ctrl-C while that happens interrupts at once (the checkpoints
+  already committed stay intact)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
     self.requested = False
-    self._previous = None
+    self.signal_name = ""
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    name = signal.Signals(signum).name
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt(f"second {name}: stopping without the final checkpoint")
+    logging.warning("%s received: saving a checkpoint and exiting (press Ctrl-C again to stop at once)",
+                    name)
     self.requested = True
+    self.signal_name = self.signal_name or name
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
+    self._previous = {}
 
 
 def _concat_batches(batches: list[dict]) -> dict:
@@ -252,6 +265,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # is written (the writer below would fail with a bare OSError). Process 0 writes logs and metadata.
   if jax.process_index() == 0:
     checkpointing.ensure_writable(workdir)
+  # One training process per workdir: a second one would race on the checkpoints.
+  with run_lock.acquire_for_run(workdir):
+    return _train_locked(config, workdir, exp)
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, exp: Experiment) -> dict:
+  tcfg = config.train
   writer = metrics_lib.MetricWriter(workdir)
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.keep_checkpoints)
   logging.info("dataset %s: %d images, %dx%dx%d, %d classes", exp.info.name, exp.info.num_examples,
@@ -266,10 +286,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("network %s: %.2f M parameters", config.model.arch,
                state_lib.param_count(state.params) / 1e6)
 
-  nimg, step, data_state = 0.0, 0, None
+  nimg, step, data_state, resumed_from = 0.0, 0, None, None
   if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
+    state, meta = ckpt.restore(state, skip_damaged=tcfg.skip_damaged_checkpoints)
     nimg, step, data_state = float(meta["nimg"]), int(meta["step"]), meta.get("data_state")
+    resumed_from = step
     logging.info("resumed from checkpoint %d (%.1f kimg)", step, nimg / 1000)
   else:
     writer.write_hparams(config)
@@ -423,8 +444,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         save("preemption")
         ckpt.close()
         writer.close()
-        logging.info("preempted at step %d; checkpoint committed, exiting", step)
-        return dict(last_metrics, preempted=True, step=step)
+        logging.info("%s: stopped at step %d; checkpoint %d committed to %s. Resume with the same command.",
+                     preempt.signal_name or "preemption", step, step, ckpt.directory)
+        return dict(last_metrics, preempted=True, step=step, resumed_from=resumed_from)
       if step % tcfg.checkpoint_every_steps == 0 and not done:
         save("interval")
       if tcfg.sample_every_steps and step % tcfg.sample_every_steps == 0 and not done:
@@ -444,7 +466,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt.close()
   writer.close()
   logging.info("training done: step %d, %.1f kimg in %.1f s", step, nimg / 1000, time.time() - t_start)
-  return dict(last_metrics, step=step, nimg=nimg)
+  return dict(last_metrics, step=step, nimg=nimg, resumed_from=resumed_from)
 
 
 def _round_up(n: int, multiple: int) -> int:

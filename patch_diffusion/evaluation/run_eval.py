@@ -34,6 +34,7 @@ from absl import logging
 
 from patch_diffusion import metrics as metrics_lib
 from patch_diffusion import parallel
+from patch_diffusion import user_cache
 from patch_diffusion import train
 from patch_diffusion.data import datasets
 from patch_diffusion.data import image_folder
@@ -43,9 +44,6 @@ from patch_diffusion.evaluation import inception_weights
 from patch_diffusion.evaluation import metrics as fid_metrics
 from patch_diffusion.evaluation import reference
 
-#: Where reference statistics of datasets without a data directory (the embedded digits) are cached
-#: (``<dir>/fid_refs/...``) unless ``data.data_dir`` is set.
-DEFAULT_REFERENCE_DIR = pathlib.Path("~/.cache/patch_diffusion")
 #: Raw features kept per set for KID and precision/recall (as StyleGAN2-ADA's 50k protocols).
 MAX_CAPTURED_FEATURES = 50_000
 #: Seconds between progress lines while generating.
@@ -140,13 +138,13 @@ def reference_spec(config: ml_collections.ConfigDict) -> ReferenceSpec:
   ``data.resolution`` and ``data.num_channels``.
 
   Cache directory: ``data.data_dir`` if set; else the TFDS default data dir, the image folder's own
-  cache folder, or ``~/.cache/patch_diffusion`` for the embedded digits.
+  cache folder, or the user cache folder (``user_cache.cache_dir()``) for the embedded digits.
   """
   d = config.data
   name = d.name
   data_dir = os.path.expanduser(d.get("data_dir") or "")
   if name == datasets.DIGITS:
-    dataset, base = name, data_dir or str(DEFAULT_REFERENCE_DIR.expanduser())
+    dataset, base = name, data_dir or str(user_cache.cache_dir())
   elif name == datasets.FOLDER:
     folder = os.path.abspath(os.path.expanduser(d.folder))
     digest = hashlib.sha1(folder.encode()).hexdigest()[:8]

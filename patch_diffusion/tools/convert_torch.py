@@ -37,6 +37,7 @@ import numpy as np
 
 from patch_diffusion.models import registry
 from patch_diffusion.models.torch_mapping import torch_state_dict_to_variables
+from patch_diffusion.tools import cli
 from patch_diffusion.tools import torch_formats
 
 MODEL_FIELDS = tuple(registry.DEFAULTS) + ("arch", "dtype")
@@ -281,13 +282,14 @@ def _int_list(text: str) -> tuple[int, ...]:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m patch_diffusion.tools.convert_torch",
                               description=__doc__.split("\n\n")[0])
-  p.add_argument("src", help="network-snapshot-*.pkl, .pt/.pth or .npz")
+  p.add_argument("src", type=cli.existing_file, help="network-snapshot-*.pkl, .pt/.pth or .npz")
   p.add_argument("dst", help="output directory (Orbax variables + config.json)")
   p.add_argument("--key", default="ema", help="snapshot entry holding the network (default: ema)")
   p.add_argument("--arch", choices=sorted(registry.ARCH_PRESETS))
-  p.add_argument("--img_resolution", type=int)
-  p.add_argument("--img_channels", type=int, help="image channels C (without the 2 coordinate channels)")
-  p.add_argument("--label_dim", type=int)
+  p.add_argument("--img_resolution", type=cli.positive_int)
+  p.add_argument("--img_channels", type=cli.positive_int,
+                 help="image channels C (without the 2 coordinate channels)")
+  p.add_argument("--label_dim", type=cli.nonnegative_int)
   p.add_argument("--base_config", help="config file to fill (default: configs/default.py)")
   for name, default in registry.DEFAULTS.items():
     kind = _int_list if isinstance(default, tuple) else type(default)
@@ -298,7 +300,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def _main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   overrides: dict[str, Any] = {}
   for name in ("arch", "img_resolution", "img_channels", "label_dim", "dtype", *registry.DEFAULTS):
@@ -319,6 +321,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   print(f"converted {args.src} -> {args.dst}: {m.arch} ({n_params / 1e6:.2f} M parameters), "
         f"{config.data.resolution}x{config.data.resolution}x{config.data.num_channels}, "
         f"labels={config.data.use_labels}, precond={config.edm.precond}")
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  """Runs the converter; a bad input ends in one line naming the problem (exit 1), not a traceback."""
+  return cli.run(_main, argv, prog="convert_torch")
 
 
 def _leaves(tree):
@@ -330,4 +338,4 @@ def _leaves(tree):
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

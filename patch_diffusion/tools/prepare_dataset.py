@@ -28,6 +28,7 @@ import PIL.Image
 
 from patch_diffusion.data import datasets
 from patch_diffusion.data import image_folder
+from patch_diffusion.tools import cli
 
 
 def prepare_tfds(name: str, data_dir: str = "", manual_dir: str = "") -> Any:
@@ -167,8 +168,9 @@ def _parser() -> argparse.ArgumentParser:
                  "or <folder>/.patch_diffusion_cache for folders)")
   p.add_argument("--manual_dir", default="", help="TFDS manual-download dir (default DATA_DIR/downloads/manual)")
   p.add_argument("--folder", default="", help="image folder (name=folder)")
-  p.add_argument("--resolution", type=int, default=0, help="R for name=folder (images stored R x R)")
-  p.add_argument("--num_channels", type=int, default=3, help="C for name=folder: 1 or 3")
+  p.add_argument("--resolution", type=cli.nonnegative_int, default=0,
+                 help="R for name=folder (images stored R x R)")
+  p.add_argument("--num_channels", type=int, choices=(1, 3), default=3, help="C for name=folder: 1 or 3")
   return p
 
 
@@ -200,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ModuleNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  except ValueError as e:  # DatasetError, ImageFolderError
+  except (ValueError, OSError) as e:  # DatasetError, ImageFolderError, unreadable paths
     print(f"error: {e}", file=sys.stderr)
     return 1
 

@@ -620,12 +620,36 @@ def extract_network(obj, key: Optional[str] = "ema") -> TorchNetwork:
   raise ValueError(f"no network found in the checkpoint (top level: {type(obj).__name__})")
 
 
+#: What :func:`read_network` accepts, for error messages.
+ACCEPTED_FORMATS = ("an EDM / Patch Diffusion network-snapshot-*.pkl, a torch.save .pt/.pth file (zip or "
+                    "legacy) or an .npz of named arrays")
+
+
+class NotACheckpointError(ValueError):
+  """The file is none of the formats :func:`read_network` reads."""
+
+
 def read_network(path, key: Optional[str] = "ema") -> TorchNetwork:
-  """Reads a network from ``.pkl`` (EDM snapshot), ``.pt``/``.pth`` (zip or legacy) or ``.npz``."""
+  """Reads a network from ``.pkl`` (EDM snapshot), ``.pt``/``.pth`` (zip or legacy) or ``.npz``.
+
+  Raises:
+    FileNotFoundError: no such file.
+    NotACheckpointError: the bytes are not one of those formats (a text file, random bytes, a
+      truncated download), with what the file starts with and the accepted formats.
+  """
   path = str(path)
-  if path.endswith(".npz"):
-    return TorchNetwork(load_npz(path))
   with open(path, "rb") as f:
-    head = f.read(2)
-  obj = load_torch_file(path) if head == b"PK" or path.endswith((".pt", ".pth")) else load_pickle(path)
+    head = f.read(8)
+  # Pickles (snapshots, legacy torch.save) start with the PROTO opcode 0x80; zips (torch.save, .npz)
+  # with 'PK'. Anything else is refused before an unpickler sees it.
+  if not (head[:2] == b"PK" or head[:1] == b"\x80"):
+    raise NotACheckpointError(f"{path} is not a PyTorch checkpoint (it starts with {head!r}); expected "
+                              f"{ACCEPTED_FORMATS}")
+  try:
+    if path.endswith(".npz"):
+      return TorchNetwork(load_npz(path))
+    obj = load_torch_file(path) if head[:2] == b"PK" or path.endswith((".pt", ".pth")) else load_pickle(path)
+  except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error) as e:
+    raise NotACheckpointError(f"{path} cannot be read as a checkpoint ({type(e).__name__}: {e}); it may be "
+                              f"truncated or another kind of file. Expected {ACCEPTED_FORMATS}") from e
   return extract_network(obj, key=key)
