@@ -31,6 +31,14 @@ Array = jax.Array
 INIT = Init("xavier_uniform")
 INIT_ZERO = Init("xavier_uniform", weight=1e-5)
 INIT_ATTN = Init("xavier_uniform", weight=math.sqrt(0.2))
+#: EDM's GroupNorm group count (``min(32, C // 4)``). The multi-stage authors' copy of the layers uses 16;
+#: a module with a ``norm_groups`` field (``SongDecoder``, ``MultistageUNet``) overrides it.
+EDM_NORM_GROUPS = 32
+
+
+def norm_groups(net: nn.Module) -> int:
+  """GroupNorm group count of ``net``'s blocks: its ``norm_groups`` field, else EDM's 32."""
+  return int(getattr(net, "norm_groups", EDM_NORM_GROUPS))
 
 
 def check_song_fields(net: nn.Module) -> None:
@@ -45,9 +53,9 @@ def check_song_fields(net: nn.Module) -> None:
 
 def song_block_kwargs(net: nn.Module) -> dict:
   """``UNetBlock`` keyword arguments of every SongUNet block (EDM's ``block_kwargs``) for ``net``'s
-  ``dropout`` and ``resample_filter``."""
+  ``dropout``, ``resample_filter`` and ``norm_groups``."""
   return dict(
-      num_heads=1, dropout=net.dropout, skip_scale=math.sqrt(0.5), eps=1e-6,
+      num_heads=1, dropout=net.dropout, skip_scale=math.sqrt(0.5), eps=1e-6, num_groups=norm_groups(net),
       resample_filter=tuple(net.resample_filter), resample_proj=True, adaptive_scale=False,
       init=INIT, init_zero=INIT_ZERO, init_attn=INIT_ATTN)
 
@@ -93,7 +101,7 @@ def song_encoder(net: nn.Module, x: Array, emb: Array, train: bool) -> tuple[Arr
   """SongUNet's encoder; creates the ``enc_<res>x<res>_*`` submodules in the scope of ``net``.
 
   Reads ``net.img_resolution, in_channels, model_channels, channel_mult, num_blocks, attn_resolutions,
-  encoder_type, resample_filter, dropout``.
+  encoder_type, resample_filter, dropout`` and ``norm_groups`` if present.
 
   Args:
     x: [N, H, W, in_channels] in the compute dtype.
@@ -141,7 +149,7 @@ def song_decoder(net: nn.Module, x: Array, skips: Sequence[Array], emb: Array, t
   """SongUNet's decoder; creates ``<prefix><res>x<res>_*`` submodules in the scope of ``net``.
 
   Reads ``net.img_resolution, out_channels, model_channels (the decoder's base width), channel_mult,
-  num_blocks, attn_resolutions, decoder_type, resample_filter, dropout``. The blocks before the first
+  num_blocks, attn_resolutions, decoder_type, resample_filter, dropout`` and ``norm_groups`` if present. The blocks before the first
   skip concatenation (``in0``/``in1``) keep the width of ``x``, as in EDM.
 
   Args:
@@ -177,7 +185,7 @@ def song_decoder(net: nn.Module, x: Array, skips: Sequence[Array], emb: Array, t
       if net.decoder_type == "skip" and level < last:
         aux = Conv2d(net.out_channels, 0, up=True, resample_filter=tuple(net.resample_filter),
                      name=f"{tag}_aux_up")(aux)
-      tmp = GroupNorm(eps=1e-6, name=f"{tag}_aux_norm")(x)
+      tmp = GroupNorm(norm_groups(net), eps=1e-6, name=f"{tag}_aux_norm")(x)
       tmp = Conv2d(net.out_channels, 3, init=INIT_ZERO, name=f"{tag}_aux_conv")(nn.silu(tmp))
       aux = tmp if aux is None else tmp + aux
   return aux
@@ -187,7 +195,8 @@ class SongDecoder(nn.Module):
   """SongUNet's decoder as a module of its own, parameters named ``<res>x<res>_*`` (no ``dec_``).
 
   Attributes: as in ``SongUNet``; ``model_channels`` is the decoder's own base width (the encoder's
-  may differ: the channels of ``x`` and the skips are taken from the inputs).
+  may differ: the channels of ``x`` and the skips are taken from the inputs); ``norm_groups`` is the
+  GroupNorm group cap (EDM 32).
   """
   img_resolution: int
   out_channels: int
@@ -198,6 +207,7 @@ class SongDecoder(nn.Module):
   dropout: float = 0.0
   decoder_type: str = "standard"
   resample_filter: Sequence[int] = (1, 1)
+  norm_groups: int = EDM_NORM_GROUPS
 
   @nn.compact
   def __call__(self, x: Array, skips: Sequence[Array], emb: Array, train: bool = False) -> Array:
