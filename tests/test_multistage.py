@@ -84,8 +84,8 @@ def test_parity_with_authors_network(fixture, mode):
       x, noise_labels, sigma, ref = case(data, stage, size)
       assert sigma == pytest.approx(sigma_expected)
       np.testing.assert_allclose(noise_labels, np.log(sigma) / 4, rtol=1e-6)
-      out = fn(variables, x, noise_labels, stage=stage) if mode == "static" else fn(variables, x, noise_labels)
-      out = np.asarray(out)
+      out = np.asarray(fn(variables, x, noise_labels, stage=stage) if mode == "static"
+                       else fn(variables, x, noise_labels))
       assert out.shape == ref.shape == (x.shape[0], size, size, 3) and out.dtype == np.float32
       errors[stage, size] = float(np.abs(out - ref).max() / np.abs(ref).max())
   print(f"\nPARITY {NAME} ({mode}): " + ", ".join(

@@ -59,7 +59,8 @@ def check_stage_boundaries(boundaries: Sequence[float], num_stages: Optional[int
   return b
 
 
-def stage_of_sigma(sigma: Union[Array, np.ndarray, float], boundaries: Union[Sequence[float], Array]) -> Array:
+def stage_of_sigma(sigma: Union[Array, np.ndarray, float],
+                   boundaries: Union[Sequence[float], Array]) -> Array:
   """Stage index of each σ: ``#{k : boundaries[k] < σ}`` as int32 (pure, jittable, elementwise).
 
   Stage k covers ``boundaries[k-1] < σ <= boundaries[k]`` (lower bound exclusive, upper inclusive), the

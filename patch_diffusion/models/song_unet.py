@@ -149,8 +149,8 @@ def song_decoder(net: nn.Module, x: Array, skips: Sequence[Array], emb: Array, t
   """SongUNet's decoder; creates ``<prefix><res>x<res>_*`` submodules in the scope of ``net``.
 
   Reads ``net.img_resolution, out_channels, model_channels (the decoder's base width), channel_mult,
-  num_blocks, attn_resolutions, decoder_type, resample_filter, dropout`` and ``norm_groups`` if present. The blocks before the first
-  skip concatenation (``in0``/``in1``) keep the width of ``x``, as in EDM.
+  num_blocks, attn_resolutions, decoder_type, resample_filter, dropout`` and ``norm_groups`` if present.
+  The blocks before the first skip concatenation (``in0``/``in1``) keep the width of ``x``, as in EDM.
 
   Args:
     x: the encoder's deepest features [N, h, w, C].
