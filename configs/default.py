@@ -27,8 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- network ----------------------------------------------------------------------------------
   c.model = m = ml_collections.ConfigDict()
-  m.arch = "ddpmpp"           # ddpmpp | ncsnpp | adm
-  m.model_channels = 128
+  m.arch = "ddpmpp"           # ddpmpp | ncsnpp | adm | ddpmpp-multistage
+  m.model_channels = 128      # base width (ddpmpp-multistage: of the shared encoder)
   m.channel_mult = (1, 2, 2, 2)
   m.channel_mult_emb = 4
   m.channel_mult_noise = 1
@@ -40,6 +40,13 @@ def get_config() -> ml_collections.ConfigDict:
   m.decoder_type = "standard"       # standard | skip
   m.resample_filter = (1, 1)
   m.augment_dim = 0
+  # Multi-stage multi-decoder U-Net (arch 'ddpmpp-multistage', Zhang et al. CVPR 2024; must stay at these
+  # defaults for the other archs). decoder_channels: one decoder base width per σ stage, lowest σ first;
+  # () = not multistage, and the arch preset fills in the authors' (192, 128, 16) (their train.py).
+  # stage_boundaries: the σ values between stages (stage k: b[k-1] < σ <= b[k]); the authors'
+  # stage_interval for CIFAR-10 from their timestep clustering.
+  m.decoder_channels = ()
+  m.stage_boundaries = (2.5103, 7.6577)
   m.dtype = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
   # float32 matmul/conv precision: 'default' lets GPUs use TF32 and TPUs bf16 passes (fast); 'highest'
   # is true float32 (what EDM trains with: it disables TF32), needed for 1e-4 parity on GPUs.

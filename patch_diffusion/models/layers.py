@@ -353,7 +353,8 @@ class UNetBlock(nn.Module):
   (``skip`` conv when channels change or when resampling; a 1×1 projection if ``resample_proj`` or the
   channels change, a bare resampler otherwise), times ``skip_scale``; then optional self-attention with
   ``num_heads`` heads (or ``out_channels // channels_per_head``), softmax in float32, again times
-  ``skip_scale``.
+  ``skip_scale``. Its GroupNorms use ``min(num_groups, C // 4)`` groups (EDM: 32; the multi-stage code's
+  layers: 16).
 
   Attributes mirror the PyTorch constructor; ``init``/``init_zero``/``init_attn`` are ``Init`` recipes
   (``init_attn=None`` uses ``init``).
@@ -367,6 +368,7 @@ class UNetBlock(nn.Module):
   dropout: float = 0.0
   skip_scale: float = 1.0
   eps: float = 1e-5
+  num_groups: int = 32
   resample_filter: Sequence[float] = (1, 1)
   resample_proj: bool = False
   adaptive_scale: bool = True
@@ -387,14 +389,14 @@ class UNetBlock(nn.Module):
     cin, cout = x.shape[-1], self.out_channels
     orig = x
     x = Conv2d(cout, 3, up=self.up, down=self.down, resample_filter=self.resample_filter,
-               init=self.init, name="conv0")(nn.silu(GroupNorm(eps=self.eps, name="norm0")(x)))
+               init=self.init, name="conv0")(nn.silu(GroupNorm(self.num_groups, eps=self.eps, name="norm0")(x)))
     params = Linear(cout * (2 if self.adaptive_scale else 1), init=self.init, name="affine")(emb)
     params = params[:, None, None, :].astype(x.dtype)
     if self.adaptive_scale:
       scale, shift = jnp.split(params, 2, axis=-1)
-      x = nn.silu(shift + GroupNorm(eps=self.eps, name="norm1")(x) * (scale + 1))
+      x = nn.silu(shift + GroupNorm(self.num_groups, eps=self.eps, name="norm1")(x) * (scale + 1))
     else:
-      x = nn.silu(GroupNorm(eps=self.eps, name="norm1")(x + params))
+      x = nn.silu(GroupNorm(self.num_groups, eps=self.eps, name="norm1")(x + params))
     if self.dropout:
       x = nn.Dropout(rate=self.dropout, deterministic=not train)(x)
     x = Conv2d(cout, 3, init=self.init_zero, name="conv1")(x)
@@ -409,7 +411,7 @@ class UNetBlock(nn.Module):
       n, h, w, c = x.shape
       ch = c // heads
       qkv = Conv2d(c * 3, 1, init=self.init_attn if self.init_attn is not None else self.init,
-                   name="qkv")(GroupNorm(eps=self.eps, name="norm2")(x))
+                   name="qkv")(GroupNorm(self.num_groups, eps=self.eps, name="norm2")(x))
       # PyTorch reshapes the [N, 3C, H, W] output to [N*heads, C/heads, 3, HW]: channel index
       # (head * ch + c) * 3 + {0: q, 1: k, 2: v}.
       qkv = qkv.reshape(n, h * w, heads, ch, 3)

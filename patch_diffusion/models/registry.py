@@ -8,6 +8,11 @@
   ``channel_mult_noise`` 2, filter [1,3,3,1].
 * ``adm`` — ``DhariwalUNet`` with ADM's own defaults: ``model_channels`` 192, ``channel_mult``
   (1,2,3,4), ``num_blocks`` 3, ``attn_resolutions`` (32,16,8).
+* ``ddpmpp-multistage`` — ``MultistageUNet`` (Zhang et al. 2024; the authors' ``train.py
+  --arch=ddpmpp-multistage``): the DDPM++ fields as for ``ddpmpp`` (``model_channels`` is the shared
+  encoder's width), one decoder per σ stage with base widths ``decoder_channels`` (preset: the authors'
+  (192, 128, 16)) and the σ ``stage_boundaries`` between stages (default (2.5103, 7.6577)). These two
+  fields (``MULTISTAGE_DEFAULTS``) must stay at their defaults for every other arch.
 
 **Override rule.** With ``config.model.arch_presets = True`` (the default) a preset value is used only
 for a field the config leaves at its ``configs/default.py`` value (``DEFAULTS`` below); any field set to
@@ -33,6 +38,7 @@ from flax import traverse_util
 
 from patch_diffusion.models import layers
 from patch_diffusion.models.dhariwal_unet import DhariwalUNet
+from patch_diffusion.models.multistage_unet import MultistageUNet
 from patch_diffusion.models.song_unet import SongUNet
 
 #: The network fields of ``configs/default.py`` (the DDPM++ values). Kept in sync by a test.
@@ -60,6 +66,19 @@ ARCH_PRESETS: dict[str, dict[str, Any]] = {
                 attn_resolutions=(32, 16, 8)),
 }
 
+#: The multi-decoder fields of ``configs/default.py`` (kept in sync by a test); used by the multistage
+#: archs only. An empty ``decoder_channels`` means "not multistage".
+MULTISTAGE_DEFAULTS: dict[str, Any] = dict(
+    decoder_channels=(),
+    stage_boundaries=(2.5103, 7.6577),
+)
+
+#: Multi-decoder archs: (the single-decoder arch whose ``ARCH_PRESETS`` apply to the ``DEFAULTS``
+#: fields, values put in place of ``MULTISTAGE_DEFAULTS`` fields left at their defaults).
+MULTISTAGE_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpmpp-multistage": ("ddpmpp", dict(decoder_channels=(192, 128, 16))),
+}
+
 #: SongUNet-only fields (not constructor arguments of DhariwalUNet).
 SONG_ONLY = ("embedding_type", "channel_mult_noise", "encoder_type", "decoder_type", "resample_filter")
 
@@ -69,8 +88,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def _norm(name: str, value: Any) -> Any:
-  if name in _SEQUENCE_FIELDS:
+  if name in _SEQUENCE_FIELDS or name == "decoder_channels":
     return tuple(int(v) for v in value)
+  if name == "stage_boundaries":
+    return tuple(float(v) for v in value)
   return value
 
 
@@ -78,22 +99,43 @@ def resolve_model_kwargs(model_config) -> tuple[str, dict[str, Any]]:
   """Applies the arch preset and override rule (module docstring) to ``config.model``.
 
   Args:
-    model_config: ``config.model`` (ConfigDict or mapping) with ``arch`` and the fields of ``DEFAULTS``.
+    model_config: ``config.model`` (ConfigDict or mapping) with ``arch`` and the fields of ``DEFAULTS``
+      (and, optionally, of ``MULTISTAGE_DEFAULTS``).
 
   Returns:
-    ``(class_name, kwargs)`` with class_name ``'SongUNet'`` or ``'DhariwalUNet'`` and the EDM constructor
-    kwargs of the architecture (no resolution/channels/labels/dtype).
+    ``(class_name, kwargs)`` with class_name ``'SongUNet'``, ``'DhariwalUNet'`` or ``'MultistageUNet'``
+    and the constructor kwargs of the architecture (no resolution/channels/labels/dtype).
   """
   get = model_config.get
   arch = get("arch", "ddpmpp")
-  if arch not in ARCH_PRESETS:
-    raise ValueError(f"unknown config.model.arch {arch!r}; expected one of {sorted(ARCH_PRESETS)}")
+  if arch not in ARCH_PRESETS and arch not in MULTISTAGE_ARCHS:
+    raise ValueError(f"unknown config.model.arch {arch!r}; expected one of "
+                     f"{sorted(set(ARCH_PRESETS) | set(MULTISTAGE_ARCHS))}")
+  base_arch, stage_presets = MULTISTAGE_ARCHS.get(arch, (arch, {}))
   use_presets = bool(get("arch_presets", True))
   values = {k: _norm(k, get(k, v)) for k, v in DEFAULTS.items()}
   if use_presets:
-    for k, v in ARCH_PRESETS[arch].items():
+    for k, v in ARCH_PRESETS[base_arch].items():
       if values[k] == _norm(k, DEFAULTS[k]):
         values[k] = _norm(k, v)
+  stages = {k: _norm(k, get(k, v)) for k, v in MULTISTAGE_DEFAULTS.items()}
+  if arch in MULTISTAGE_ARCHS:
+    if use_presets:
+      for k, v in stage_presets.items():
+        if stages[k] == _norm(k, MULTISTAGE_DEFAULTS[k]):
+          stages[k] = _norm(k, v)
+    if not stages["decoder_channels"]:
+      raise ValueError(f"config.model.arch={arch!r} needs config.model.decoder_channels (one decoder base "
+                       "width per stage, e.g. (192, 128, 16))")
+    if len(stages["stage_boundaries"]) != len(stages["decoder_channels"]) - 1:
+      raise ValueError(f"config.model.stage_boundaries {stages['stage_boundaries']} must hold "
+                       f"len(decoder_channels) - 1 = {len(stages['decoder_channels']) - 1} σ values (the "
+                       "boundaries between consecutive stages)")
+    return "MultistageUNet", {**values, **stages}
+  bad = [k for k, v in stages.items() if v != _norm(k, MULTISTAGE_DEFAULTS[k])]
+  if bad:
+    raise ValueError(f"config.model.{bad} only apply to arch='ddpmpp-multistage' (got arch={arch!r}); "
+                     "set that arch or leave them at their defaults")
   if arch == "adm":
     bad = [k for k in SONG_ONLY if values[k] != _norm(k, DEFAULTS[k])]
     if bad:
@@ -112,15 +154,16 @@ def create_model(model_config, *, img_resolution: int, img_channels: int, label_
     label_dim: number of classes, 0 for an unconditional network.
 
   Returns:
-    A ``SongUNet`` or ``DhariwalUNet`` called as
+    A ``SongUNet``, ``DhariwalUNet`` or ``MultistageUNet`` called as
     ``apply(variables, x [N,H,W,C+2], noise_labels [N], class_labels [N,L] | None, augment_labels=None,
-    train=False, rngs={'dropout': key})`` -> [N,H,W,C] in ``config.model.dtype``.
+    train=False, rngs={'dropout': key})`` -> [N,H,W,C] in ``config.model.dtype``; a ``MultistageUNet``
+    also takes ``stage=`` (None: from σ of the first sample; a Python int: that decoder only).
   """
   class_name, kwargs = resolve_model_kwargs(model_config)
   dtype_name = model_config.get("dtype", "float32")
   if dtype_name not in DTYPES:
     raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype_name!r}")
-  cls = SongUNet if class_name == "SongUNet" else DhariwalUNet
+  cls = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet, "MultistageUNet": MultistageUNet}[class_name]
   return cls(img_resolution=int(img_resolution), in_channels=int(img_channels) + 2,
              out_channels=int(img_channels), label_dim=int(label_dim), dtype=DTYPES[dtype_name],
              **kwargs)

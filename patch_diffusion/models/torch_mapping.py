@@ -1,7 +1,9 @@
 """PyTorch (EDM / Patch Diffusion) state-dict names and layouts <-> Flax variables of our networks.
 
 Names: an optional leading ``model.`` (the precond wrapper) is dropped; ``enc.<res>_<name>`` and
-``dec.<res>_<name>`` become the flat module names ``enc_<res>_<name>`` / ``dec_<res>_<name>``; the other
+``dec.<res>_<name>`` become the flat module names ``enc_<res>_<name>`` / ``dec_<res>_<name>``;
+``MultistageUNet``'s per-stage decoders ``decs.<k>.<res>_<name>`` (a PyTorch ModuleList) become the
+submodule ``decs_<k>`` holding ``<res>_<name>`` (Flax's name for element k of a list attribute); the other
 dots are module nesting. Leaves: Linear/Conv ``weight`` -> ``kernel``, GroupNorm ``weight`` -> ``scale``,
 ``bias`` -> ``bias``; ``map_noise.freqs`` (NCSN++ Fourier frequencies) -> the ``buffers`` collection.
 Layouts: conv ``[out, in, kh, kw]`` -> ``[kh, kw, in, out]``; linear ``[out, in]`` -> ``[in, out]``.
@@ -21,6 +23,9 @@ from flax import traverse_util
 from patch_diffusion.models import layers, registry
 
 _TOP_SPLIT = re.compile(r"^(enc|dec)\.([^.]+)\.(.*)$")
+# MultistageUNet's decoder list: decs.<k>.<rest>.
+_STAGE_SPLIT = re.compile(r"^decs\.(\d+)\.(.*)$")
+_STAGE_HEAD = re.compile(r"^decs_(\d+)$")
 # Convolutions that read the raw network input (image + coordinate channels).
 _INPUT_CONV = re.compile(r"^enc\.\d+x\d+_(conv|aux_skip|aux_residual)\.weight$")
 
@@ -35,16 +40,24 @@ def _strip(name: str) -> str:
 
 def flax_path(torch_name: str) -> tuple[str, ...]:
   """Module path + PyTorch leaf name for a (prefix-free) PyTorch name, e.g.
-  ``enc.16x16_block0.conv0.weight`` -> ``('enc_16x16_block0', 'conv0', 'weight')``."""
+  ``enc.16x16_block0.conv0.weight`` -> ``('enc_16x16_block0', 'conv0', 'weight')``,
+  ``decs.1.4x4_in0.conv0.weight`` -> ``('decs_1', '4x4_in0', 'conv0', 'weight')``."""
   m = _TOP_SPLIT.match(torch_name)
   if m:
     return (f"{m.group(1)}_{m.group(2)}",) + tuple(m.group(3).split("."))
+  m = _STAGE_SPLIT.match(torch_name)
+  if m:
+    return (f"decs_{m.group(1)}",) + tuple(m.group(2).split("."))
   return tuple(torch_name.split("."))
 
 
 def torch_name(path: tuple[str, ...]) -> str:
-  """Inverse of ``flax_path`` for module paths: ``('enc_16x16_conv', 'weight')`` -> ``enc.16x16_conv.weight``."""
+  """Inverse of ``flax_path`` for module paths: ``('enc_16x16_conv', 'weight')`` -> ``enc.16x16_conv.weight``,
+  ``('decs_1', '4x4_in0', 'conv0', 'weight')`` -> ``decs.1.4x4_in0.conv0.weight``."""
   head = path[0]
+  m = _STAGE_HEAD.match(head)
+  if m:
+    head = f"decs.{m.group(1)}"
   for top in ("enc_", "dec_"):
     if head.startswith(top):
       head = top[:-1] + "." + head[len(top):]
@@ -92,7 +105,9 @@ def torch_state_dict_to_variables(state_dict: Mapping[str, np.ndarray], model: n
 
   Args:
     state_dict: name -> array in PyTorch layout (``model.`` prefix optional), parameters and buffers.
-    model: a ``SongUNet`` / ``DhariwalUNet`` built with the checkpoint's architecture.
+    model: a ``SongUNet`` / ``DhariwalUNet`` / ``MultistageUNet`` built with the checkpoint's
+      architecture (a MultistageUNet's stage boundaries are constructor arguments, not tensors: build it
+      with the checkpoint's ``stage_interval``, see ``multistage_unet.boundaries_from_stage_interval``).
     pad_input_channels: append this many zero input channels to the convolutions that read the raw
       input (``enc.<R>x<R>_conv``, ``*_aux_skip``, ``*_aux_residual``). Use 2 for plain EDM networks, which
       have no coordinate channels: zero weights make the converted network ignore the coordinates, so it
