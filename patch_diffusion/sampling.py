@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from patch_diffusion import parallel
 from patch_diffusion.data import patches as patches_lib
 from patch_diffusion.edm import sampler as sampler_lib
-from patch_diffusion.steps import make_denoiser
+from patch_diffusion.edm.precond import make_denoiser
 
 
 def to_uint8(x: jnp.ndarray) -> jnp.ndarray:

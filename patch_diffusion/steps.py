@@ -15,7 +15,7 @@ import optax
 
 from patch_diffusion.data import patches as patches_lib
 from patch_diffusion.edm import loss as loss_lib
-from patch_diffusion.edm import precond as precond_lib
+from patch_diffusion.edm.precond import make_denoiser
 from patch_diffusion.state import TrainState
 
 
@@ -37,26 +37,6 @@ def images_to_float(images: jnp.ndarray) -> jnp.ndarray:
 def sanitize_grads(grads):
   """NaN → 0, ±inf → ±1e5, as the official trainer does (no clipping otherwise)."""
   return jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
-
-
-def make_denoiser(apply_fn: Callable, variables: dict, precond, *, train: bool = False,
-                  dropout_key: jax.Array | None = None, dtype=jnp.float32):
-  """``denoise_fn(x, sigma, x_pos, labels)`` for a Flax network with ``variables``.
-
-  The network sees its input in ``dtype`` (bf16 compute option); D is returned in float32.
-  """
-  rngs = {"dropout": dropout_key} if (train and dropout_key is not None) else {}
-
-  def net_fn(x_in, c_noise, labels):
-    if labels is not None:
-      labels = labels.astype(dtype)
-    out = apply_fn(variables, x_in.astype(dtype), c_noise.astype(jnp.float32), labels, train=train, rngs=rngs)
-    return out.astype(jnp.float32)
-
-  def denoise_fn(x, sigma, x_pos, labels):
-    return precond_lib.denoise(precond, net_fn, x, sigma, x_pos, labels)
-
-  return denoise_fn
 
 
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, precond, noise_dist,

@@ -12,6 +12,7 @@ from patch_diffusion import parallel
 from patch_diffusion import state as state_lib
 from patch_diffusion import steps as steps_lib
 from patch_diffusion import train
+from patch_diffusion.edm import precond as precond_lib
 from patch_diffusion.data import datasets
 from helpers import read_jsonl, steps_to_kimg, tiny
 
@@ -171,7 +172,7 @@ def test_bf16_compute_loss_close_to_fp32():
   p, pos = patches.random_patches(jax.random.key(2), images, 8)
 
   def loss(exp):
-    den = steps_lib.make_denoiser(exp.model.apply, variables, exp.precond, dtype=exp.dtype)
+    den = precond_lib.make_denoiser(exp.model.apply, variables, exp.precond, dtype=exp.dtype)
     return jnp.mean(loss_lib.patch_loss(den, jax.random.key(3), p, pos, None, exp.noise_dist))
 
   l32, l16 = float(jax.jit(lambda: loss(e32))()), float(jax.jit(lambda: loss(e16))())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Optional
 
+import jax
 import jax.numpy as jnp
 
 NetFn = Callable[[jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray]], jnp.ndarray]
@@ -127,3 +128,23 @@ def denoise(precond: Precond, net_fn: NetFn, x: jnp.ndarray, sigma: jnp.ndarray,
   x_in = jnp.concatenate([c.c_in * x, x_pos.astype(x.dtype)], axis=-1)
   f_x = net_fn(x_in, c.c_noise, class_labels)
   return (c.c_skip * x + c.c_out * f_x.astype(x.dtype)).astype(x.dtype)
+
+
+def make_denoiser(apply_fn: Callable, variables: dict, precond, *, train: bool = False,
+                  dropout_key: jax.Array | None = None, dtype=jnp.float32):
+  """``denoise_fn(x, sigma, x_pos, labels)`` for a Flax network with ``variables``.
+
+  The network sees its input in ``dtype`` (bf16 compute option); D is returned in float32.
+  """
+  rngs = {"dropout": dropout_key} if (train and dropout_key is not None) else {}
+
+  def net_fn(x_in, c_noise, labels):
+    if labels is not None:
+      labels = labels.astype(dtype)
+    out = apply_fn(variables, x_in.astype(dtype), c_noise.astype(jnp.float32), labels, train=train, rngs=rngs)
+    return out.astype(jnp.float32)
+
+  def denoise_fn(x, sigma, x_pos, labels):
+    return denoise(precond, net_fn, x, sigma, x_pos, labels)
+
+  return denoise_fn
