@@ -1,7 +1,6 @@
 """Shared helpers of the benchmarks: config loading, a matmul peak, timing and result files."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -21,22 +20,8 @@ if ROOT not in sys.path:
 
 def load_config(path: str, overrides: list[str]):
   """Loads ``configs/<x>.py``'s get_config() and applies ``a.b=value`` overrides (Python literals)."""
-  import ast  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in overrides:
-    key, value = item.split("=", 1)
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    try:
-      node[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      node[leaf] = value
-  return config
+  from patch_diffusion import configs_io  # pylint: disable=g-import-not-at-top
+  return configs_io.load_config(path, **dict(item.split("=", 1) for item in overrides))
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[float, list[float]]:

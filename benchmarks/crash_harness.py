@@ -16,8 +16,8 @@ middle of an asynchronous checkpoint write) as ``python -m patch_diffusion.main`
 5. optionally a NaN run: the finished run resumed with ``train.lr=1e30`` must stop with a non-zero exit
    code and a message naming the step, leaving the last checkpoint complete and the older ones untouched.
 
-The trainer writes per-step patch sizes, example indices and final state digests with
-``train.debug_log_sizes=True``; checkpoints are inspected as files (committed folders are named by their
+Runs go through ``tests/step_record.py`` (``patch_diffusion.main`` plus a test hook that writes per-step
+patch sizes, example indices and final state digests to ``sizes_process_0.jsonl``); checkpoints are inspected as files (committed folders are named by their
 step, Orbax's in-flight ones end in ``.orbax-checkpoint-tmp``). The test tests/test_crash_safety.py runs
 a shortened version of this harness.
 """
@@ -42,6 +42,7 @@ from patch_diffusion import checkpointing
 from patch_diffusion.tools import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+STEP_RECORD = REPO / "tests" / "step_record.py"
 #: Images per step of the harness config (tiny_test batch, one patch size: multiplier 1).
 BATCH = 16
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -56,7 +57,6 @@ def config_args(steps: int, extra: dict[str, Any] | None = None) -> list[str]:
       "train.checkpoint_every_steps": 1,   # a save per step: kills often land during an async write
       "train.keep_checkpoints": 3,
       "train.log_every_steps": 1,
-      "train.debug_log_sizes": True,
       "train.total_kimg": (steps - 0.5) * BATCH / 1000,
   }
   flags.update(extra or {})
@@ -161,7 +161,9 @@ def start(workdir: pathlib.Path, steps: int, devices: int, extra: dict | None = 
   logs = workdir.parent / f"{workdir.name}_logs"
   logs.mkdir(parents=True, exist_ok=True)
   log = logs / f"{tag}.log"
-  cmd = [sys.executable, "-m", "patch_diffusion.main", f"--workdir={workdir}"] + config_args(steps, extra)
+  # tests/step_record.py = patch_diffusion.main plus a hook recording each step's examples and the final
+  # state digests (test instrumentation, not part of the trainer).
+  cmd = [sys.executable, str(STEP_RECORD), f"--workdir={workdir}"] + config_args(steps, extra)
   with open(log, "w") as f:
     proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(devices), stdout=f, stderr=subprocess.STDOUT)
   return Run(proc, log, time.time())

@@ -93,10 +93,6 @@ def get_config() -> ml_collections.ConfigDict:
   t.final_num_samples = 0        # >0: write samples.npz with this many EMA samples after training
   t.init_from = ""               # directory of a converted/pretrained network to fine-tune from
 
-  # (reliability tests, launch/) True: every process appends the patch size and example indices of each
-  # step, and a final parameter digest, to <workdir>/sizes_process_<i>.jsonl (costs a little host time).
-  t.debug_log_sizes = False
-
   # ---- sampling -----------------------------------------------------------------------------------
   c.sample = s = ml_collections.ConfigDict()
   s.solver = "heun"           # heun | euler

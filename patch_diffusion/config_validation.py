@@ -1,77 +1,204 @@
-"""Checks a config's values before anything is built, with messages that name the fix.
+"""One validation pass over a config, before anything is built: every mode (train, sample, eval) calls
+:func:`validate_config` first (through ``experiment.build_experiment``).
 
-Unknown keys and wrong types are rejected earlier by ``ml_collections`` (configs are locked and typed).
+Unknown keys and wrong Python types are rejected earlier by ``ml_collections`` (configs are locked and
+typed). Here every value is checked against what the code accepts; the lists of valid names come from the
+registries that use them (networks, preconditionings, solvers, schedules, dtypes), so a new entry there is
+accepted here without an edit. Every problem raises :class:`ConfigError` naming the field, its value and
+the fix. Checks that need I/O (does the dataset exist, is the workdir writable) happen where the I/O is.
 """
 from __future__ import annotations
 
-import ml_collections
+import math
+from typing import Any, Optional
 
-ARCHS = ("ddpmpp", "ncsnpp", "adm")
-PRECONDS = ("edm", "vp", "ve")
-DTYPES = ("float32", "bfloat16")
+from patch_diffusion.data import patches
+from patch_diffusion.edm import precond as precond_lib
+from patch_diffusion.edm import sampler as sampler_lib
+from patch_diffusion.models import registry
 
-
-def _positive(value, name: str, allow_zero: bool = False) -> None:
-  # Written as `not (value > 0)` so that NaN (for which every comparison is False) is rejected too.
-  if value is None or not (value >= 0 if allow_zero else value > 0):
-    bound = ">= 0" if allow_zero else "> 0"
-    raise ValueError(f"{name} = {value!r} must be {bound}")
+MATMUL_PRECISIONS = ("default", "high", "highest")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ``ValueError`` naming the offending field for any invalid value."""
-  d, m, t, p, s, e = config.data, config.model, config.train, config.patch, config.sample, config.edm
-  _positive(d.resolution, "data.resolution")
-  _positive(d.num_channels, "data.num_channels")
-  _positive(d.max_examples, "data.max_examples", allow_zero=True)
-  if not 0.0 <= p.real_p <= 1.0:
-    raise ValueError(f"patch.real_p = {p.real_p} must lie in [0, 1] (probability of a full-size step)")
+class ConfigError(ValueError):
+  """A config value the code cannot use; the message names the field and the fix."""
+
+  def __init__(self, field: str, value: Any, problem: str):
+    self.field, self.value = field, value
+    super().__init__(f"{field} = {value!r}: {problem}")
+
+
+def _get(config, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(config, field: str, *, low: float = 0.0, allow_low: bool = False, high: Optional[float] = None,
+            allow_high: bool = False, integer: bool = False) -> None:
+  """Checks ``low < value`` (``<=`` if ``allow_low``) and ``value < high`` (``<=`` if ``allow_high``).
+
+  Comparisons are written so that NaN (for which every comparison is False) is rejected too.
+  """
+  value = _get(config, field)
+  if integer and not _is_int(value):
+    raise ConfigError(field, value, "must be an integer")
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ConfigError(field, value, "must be a number")
+  ok = (value >= low) if allow_low else (value > low)
+  if high is not None:
+    ok = ok and ((value <= high) if allow_high else (value < high))
+  if not ok:
+    lo = f"{'>=' if allow_low else '>'} {low:g}"
+    hi = ("" if high is None else " and finite" if high == math.inf else
+          f" and {'<=' if allow_high else '<'} {high:g}")
+    raise ConfigError(field, value, f"must be {lo}{hi}")
+
+
+def _choice(config, field: str, choices) -> None:
+  value = _get(config, field)
+  if value not in tuple(choices):
+    raise ConfigError(field, value, f"expected one of {tuple(sorted(choices))}")
+
+
+def validate_data(data) -> None:
+  """The ``config.data`` checks (also what ``datasets.get_data_source`` runs on a plain dict)."""
+  wrap = {"data": data}
+  name = data["name"]
+  if not isinstance(name, str) or not name.strip():
+    raise ConfigError("data.name", name, "must be a non-empty string: 'digits', 'folder' or a TFDS name")
+  _number(wrap, "data.resolution", integer=True)
+  if data["num_channels"] not in (1, 3) or isinstance(data["num_channels"], bool):
+    raise ConfigError("data.num_channels", data["num_channels"], "must be 1 or 3")
+  for field in ("max_examples", "num_workers", "prefetch"):
+    _number(wrap, f"data.{field}", allow_low=True, integer=True)
+  split = data["split"]
+  if not isinstance(split, str) or not split:
+    raise ConfigError("data.split", split, "must be a non-empty string such as 'train'")
+  for field in ("xflip", "use_labels"):
+    if not isinstance(data[field], bool):
+      raise ConfigError(f"data.{field}", data[field], "must be True or False")
+
+
+def _validate_model(config) -> None:
+  m = config.model
+  _choice(config, "model.arch", registry.archs())
+  _choice(config, "model.dtype", registry.COMPUTE_DTYPES)
+  _choice(config, "model.matmul_precision", MATMUL_PRECISIONS)
+  _number(config, "model.dropout", allow_low=True, high=1.0)
+  _number(config, "model.model_channels", integer=True)
+  _number(config, "model.num_blocks", integer=True)
+  try:
+    registry.resolve_model_kwargs(m)
+  except ValueError as e:
+    raise ConfigError("model", m.arch, str(e)) from e
+  p, d = config.patch, config.data
   divisor = 2 if p.latent else 4
   if d.resolution % divisor:
-    raise ValueError(f"data.resolution = {d.resolution}: the patch sizes R/{divisor}, R/2 must divide R "
-                     f"exactly; use a resolution divisible by {divisor}")
-  levels = len(m.channel_mult)
+    raise ConfigError("data.resolution", d.resolution, f"the patch sizes R/{divisor} and R/2 must divide R "
+                      f"exactly; use a resolution divisible by {divisor}")
+  levels = len(registry.resolve_model_kwargs(m)[1]["channel_mult"])
   smallest = d.resolution // divisor if p.schedule != "full" else d.resolution
   if smallest % (2 ** (levels - 1)):
-    raise ValueError(f"the smallest patch ({smallest} px) must be divisible by 2^(len(model.channel_mult)-1)"
-                     f" = {2 ** (levels - 1)} for the U-Net's downsampling; use fewer levels or a larger R")
-  if m.arch not in ARCHS:
-    raise ValueError(f"model.arch = {m.arch!r}; expected one of {ARCHS}")
-  if m.dtype not in DTYPES:
-    raise ValueError(f"model.dtype = {m.dtype!r}; expected one of {DTYPES}")
-  if m.get("matmul_precision", "default") not in ("default", "high", "highest"):
-    raise ValueError(f"model.matmul_precision = {m.matmul_precision!r}; expected default | high | highest")
-  if not 0.0 <= m.dropout < 1.0:
-    raise ValueError(f"model.dropout = {m.dropout} must lie in [0, 1)")
-  _positive(m.model_channels, "model.model_channels")
-  _positive(m.num_blocks, "model.num_blocks")
-  if e.precond not in PRECONDS:
-    raise ValueError(f"edm.precond = {e.precond!r}; expected one of {PRECONDS}")
-  if not 0.0 <= e.label_dropout < 1.0:
-    raise ValueError(f"edm.label_dropout = {e.label_dropout} must lie in [0, 1)")
-  _positive(e.sigma_data, "edm.sigma_data")
-  _positive(t.batch_size, "train.batch_size")
-  _positive(t.total_kimg, "train.total_kimg")
-  _positive(t.lr, "train.lr")
-  _positive(t.lr_rampup_kimg, "train.lr_rampup_kimg", allow_zero=True)
-  _positive(t.ema_halflife_kimg, "train.ema_halflife_kimg", allow_zero=True)
-  _positive(t.log_every_steps, "train.log_every_steps")
-  _positive(t.checkpoint_every_steps, "train.checkpoint_every_steps")
-  _positive(t.keep_checkpoints, "train.keep_checkpoints")
-  _positive(t.preemption_check_every_steps, "train.preemption_check_every_steps")
-  _positive(t.sample_every_steps, "train.sample_every_steps", allow_zero=True)
-  _positive(s.num_steps, "sample.num_steps")
-  _positive(s.num_samples, "sample.num_samples")
-  _positive(s.batch_size, "sample.batch_size")
+    raise ConfigError("model.channel_mult", tuple(m.channel_mult),
+                      f"the smallest patch ({smallest} px) must be divisible by 2^(levels-1) = "
+                      f"{2 ** (levels - 1)} for the U-Net's downsampling; use fewer levels or a larger R")
+
+
+def data_axis_size(mesh_shape, mesh_axes, num_devices: int) -> int:
+  """Devices on the ``'data'`` axis of a mesh of this shape over ``num_devices`` devices."""
+  shape = list(mesh_shape)
+  if -1 in shape:
+    shape[shape.index(-1)] = num_devices // max(1, math.prod(s for s in shape if s != -1))
+  return int(shape[list(mesh_axes).index("data")])
+
+
+def _validate_train(config, num_data_devices: Optional[int], num_processes: Optional[int]) -> None:
+  t = config.train
+  for field in ("batch_size", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints",
+                "preemption_check_every_steps", "grid_size"):
+    _number(config, f"train.{field}", integer=True)
+  for field in ("sample_every_steps", "final_num_samples"):
+    _number(config, f"train.{field}", allow_low=True, integer=True)
+  for field in ("total_kimg", "lr"):
+    _number(config, f"train.{field}", high=math.inf)
+  for field in ("lr_rampup_kimg", "ema_halflife_kimg"):
+    _number(config, f"train.{field}", allow_low=True, high=math.inf)
+  if t.ema_rampup_ratio is not None:
+    _number(config, "train.ema_rampup_ratio", allow_low=True, high=math.inf)
+  _number(config, "train.adam_b1", allow_low=True, high=1.0)
+  _number(config, "train.adam_b2", allow_low=True, high=1.0)
+  _number(config, "train.adam_eps", high=math.inf)
+  for count, what in ((num_data_devices, "data-parallel devices"), (num_processes, "processes")):
+    if count and t.batch_size % count:
+      raise ConfigError("train.batch_size", t.batch_size, f"is not divisible by the {count} {what}; use a "
+                        f"multiple of {count}")
+
+
+def _validate_sampling(config) -> None:
+  s = config.sample
+  _choice(config, "sample.solver", sampler_lib.SOLVERS)
+  for field in ("num_steps", "num_samples", "batch_size"):
+    _number(config, f"sample.{field}", integer=True)
   if not 0 < s.sigma_min < s.sigma_max:
-    raise ValueError(f"need 0 < sample.sigma_min < sample.sigma_max, got {s.sigma_min}, {s.sigma_max}")
+    raise ConfigError("sample.sigma_min", s.sigma_min, f"need 0 < sample.sigma_min < sample.sigma_max = "
+                      f"{s.sigma_max}")
+  _number(config, "sample.rho", high=math.inf)
+  _number(config, "sample.S_churn", allow_low=True, high=math.inf)
+  _number(config, "sample.S_noise", allow_low=True, high=math.inf)
+  _number(config, "sample.guidance", allow_low=True, high=math.inf)
   v = config.eval
-  if not v.num_samples >= 2:
-    raise ValueError(f"eval.num_samples = {v.num_samples!r}: FID needs at least 2 generated images "
-                     f"(the paper's protocol uses 50000)")
-  _positive(v.batch_size, "eval.batch_size")
-  _positive(v.every_kimg, "eval.every_kimg", allow_zero=True)
-  _positive(v.ref_num_images, "eval.ref_num_images", allow_zero=True)
-  if v.every_kimg > 0 and not v.train_num_samples >= 2:
-    raise ValueError(f"eval.train_num_samples = {v.train_num_samples!r}: in-training FID needs at least 2 "
-                     f"images (or set eval.every_kimg=0)")
+  if not (_is_int(v.num_samples) and v.num_samples >= 2):
+    raise ConfigError("eval.num_samples", v.num_samples, "FID needs at least 2 generated images (the "
+                      "paper's protocol uses 50000)")
+  _number(config, "eval.batch_size", integer=True)
+  _number(config, "eval.every_kimg", allow_low=True, high=math.inf)
+  _number(config, "eval.ref_num_images", allow_low=True, integer=True)
+  if v.every_kimg > 0 and not (_is_int(v.train_num_samples) and v.train_num_samples >= 2):
+    raise ConfigError("eval.train_num_samples", v.train_num_samples, "in-training FID needs at least 2 "
+                      "images (or set eval.every_kimg=0)")
+
+
+def _validate_mesh(config, num_devices: Optional[int]) -> None:
+  shape, axes = tuple(config.mesh.shape), tuple(config.mesh.axes)
+  if len(shape) != len(axes):
+    raise ConfigError("mesh.shape", shape, f"needs one size per axis of mesh.axes {axes}")
+  if "data" not in axes:
+    raise ConfigError("mesh.axes", axes, "must contain the data-parallel axis 'data'")
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ConfigError("mesh.shape", shape, "sizes must be positive, with at most one -1 (= the rest)")
+  if num_devices:
+    known = math.prod(s for s in shape if s != -1)
+    fits = num_devices % known == 0 if -1 in shape else known == num_devices
+    if not fits:
+      raise ConfigError("mesh.shape", shape, f"needs {known} devices{' (times the -1 axis)' if -1 in shape else ''}"
+                        f", but {num_devices} are available; set mesh.shape=(-1,) to use all")
+
+
+def validate_config(config, *, num_devices: Optional[int] = None, num_processes: Optional[int] = None) -> None:
+  """Raises :class:`ConfigError` (a ValueError) naming the first invalid field and the fix.
+
+  Args:
+    config: the full run config (``configs/default.py`` layout).
+    num_devices, num_processes: when given, the mesh and the batch size are checked against them
+      (devices in all, JAX processes).
+  """
+  if not (_is_int(config.seed) and config.seed >= 0):
+    raise ConfigError("seed", config.seed, "must be a non-negative integer (the run is a pure function of it)")
+  validate_data(config.data)
+  _choice(config, "patch.schedule", patches.SCHEDULES)
+  _number(config, "patch.real_p", allow_low=True, high=1.0, allow_high=True)
+  _validate_model(config)
+  _choice(config, "edm.precond", precond_lib.PRECONDS)
+  _number(config, "edm.label_dropout", allow_low=True, high=1.0)
+  _number(config, "edm.sigma_data", high=math.inf)
+  _number(config, "edm.P_std", high=math.inf)
+  _validate_mesh(config, num_devices)
+  n_data = data_axis_size(config.mesh.shape, config.mesh.axes, num_devices) if num_devices else None
+  _validate_train(config, n_data, num_processes)
+  _validate_sampling(config)

@@ -14,28 +14,31 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image
 
+from patch_diffusion import fileio
+
 PathLike = Union[str, os.PathLike]
 
 
-def to_uint8(images) -> np.ndarray:
-  """Quantises images in [-1, 1] to uint8 (EDM convention).
+def to_uint8(images, xp=np):
+  """Quantises images in [-1, 1] to uint8 (EDM convention): the one conversion the project uses.
 
   Args:
     images: array of any shape (typically NHWC), float in [-1, 1]; a uint8 array is returned
-      unchanged. JAX arrays are fetched to host.
+      unchanged. With ``xp=np`` JAX arrays are fetched to host.
+    xp: ``numpy`` (host) or ``jax.numpy`` (inside jitted code, e.g. the sampler's output).
 
   Returns:
     uint8 array of the same shape: ``(x * 127.5 + 128).clip(0, 255)`` truncated toward zero,
     so -1 -> 0, 0 -> 128 and 1 -> 255. NaN maps to 0.
   """
-  x = np.asarray(images)
-  if x.dtype == np.uint8:
+  x = xp.asarray(images)
+  if x.dtype == xp.uint8:
     return x
-  if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+  if not (xp.issubdtype(x.dtype, xp.floating) or xp.issubdtype(x.dtype, xp.integer)):
     raise TypeError(f"to_uint8 expects float images in [-1, 1] or uint8, got dtype {x.dtype}")
   # float32 is enough for 256 levels; NaN would become an undefined integer, so pin it to 0.
-  y = np.nan_to_num(x.astype(np.float32) * 127.5 + 128.0, nan=0.0)
-  return np.clip(y, 0, 255).astype(np.uint8)
+  y = xp.nan_to_num(x.astype(xp.float32) * 127.5 + 128.0, nan=0.0)
+  return xp.clip(y, 0, 255).astype(xp.uint8)
 
 
 def make_grid(images, ncols: Optional[int] = None, padding: int = 0, pad_value: int = 0,
@@ -103,27 +106,11 @@ def encode_png(grid, compress_level: int = 6) -> bytes:
 
 
 def save_png(path: PathLike, grid) -> str:
-  """Writes a uint8 ``[H, W]`` / ``[H, W, C]`` image as a PNG file, atomically.
-
-  The bytes go to a temporary file in the target directory which is then renamed over ``path``,
-  so a reader (or a preempted run) never sees a half-written PNG. Parent directories are created.
+  """Writes a uint8 ``[H, W]`` / ``[H, W, C]`` image as a PNG file, atomically (``fileio``: local or
+  ``gs://``; parent folders created), so a reader or a preempted run never sees a half-written PNG.
 
   Returns:
     ``path`` as a string.
   """
-  path = os.fspath(path)
-  data = encode_png(grid)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  # A sibling temporary (same file system, so the rename is atomic) opened with open() keeps the
-  # usual umask-based permissions, unlike mkstemp's 0600.
-  tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  fileio.write_bytes(path, encode_png(grid))
+  return str(path)

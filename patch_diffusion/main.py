@@ -68,14 +68,16 @@ class _QuietLibraries:
 _USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
 
 
-def main(argv) -> None:
+def main(argv, extra_hooks_for=None) -> None:
+  """absl main: flags -> distributed init -> the mode. ``extra_hooks_for(workdir)`` (tests) returns
+  hooks added to training."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.set_verbosity(logging.INFO)
   try:
     _init_distributed()
-    _dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode)
+    _dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode, extra_hooks_for)
   except _USER_ERRORS as e:
     if os.environ.get("PATCH_DIFFUSION_TRACEBACK") == "1":
       raise
@@ -85,15 +87,17 @@ def main(argv) -> None:
     sys.exit(1)
 
 
-def _dispatch(config, workdir: str, mode: str) -> None:
-  from patch_diffusion import train  # pylint: disable=g-import-not-at-top
+def _dispatch(config, workdir: str, mode: str, extra_hooks_for=None) -> None:
+  # Imported here: flags are parsed and jax.distributed is initialised before JAX does any work.
   if mode == "train":
-    train.train_and_evaluate(config, workdir)
+    from patch_diffusion import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, workdir, extra_hooks=extra_hooks_for(workdir) if extra_hooks_for else ())
   elif mode == "sample":
-    train.sample(config, workdir)
+    from patch_diffusion import generate  # pylint: disable=g-import-not-at-top
+    generate.sample(config, workdir)
   else:
-    from patch_diffusion.evaluation import run_eval  # pylint: disable=g-import-not-at-top
-    run_eval.evaluate(config, workdir)
+    from patch_diffusion import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.evaluate(config, workdir)
 
 
 def _config_package_on_path(argv) -> None:
@@ -133,11 +137,17 @@ def _parse_flags(argv):
     sys.exit(1)
 
 
-def run() -> None:
-  """Console-script entry point (``patch-diffusion --config=... --workdir=...``)."""
+def run(extra_hooks_for=None) -> None:
+  """Console-script entry point (``patch-diffusion --config=... --workdir=...``).
+
+  Args:
+    extra_hooks_for: optional ``workdir -> [hooks.Hook]`` added to training (test instrumentation, e.g.
+      tests/step_record.py); the command line never sets it.
+  """
+  import functools  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   _config_package_on_path(sys.argv)
-  app.run(main, flags_parser=_parse_flags)
+  app.run(functools.partial(main, extra_hooks_for=extra_hooks_for), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,11 @@ def data_parallel_size(mesh: Mesh) -> int:
   return int(mesh.shape[DATA_AXIS])
 
 
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of ``multiple`` that is >= ``n`` (batch sizes that shard evenly)."""
+  return -(-int(n) // int(multiple)) * int(multiple)
+
+
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles each process's slice of a batch into global arrays sharded over ``'data'``.
 
@@ -120,3 +125,19 @@ def allgather_json(obj: Any) -> list:
   padded[:blob.size] = blob
   rows = np.asarray(multihost_utils.process_allgather(padded))
   return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in rows]
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process reaches ``name`` (a coordination-service barrier, not a device collective).
+
+  Used before the first training step: processes finish compiling at different times (a persistent-cache
+  hit on one, a cold compile on another), and the first gradient all-reduce would otherwise wait for the
+  slowest inside the CPU collectives' (gloo) short connect timeout.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is None:
+    return
+  client.wait_at_barrier(f"patch_diffusion_{name}", int(timeout_s * 1000))

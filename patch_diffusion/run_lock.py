@@ -28,6 +28,7 @@ import jax
 from absl import logging
 from etils import epath
 
+from patch_diffusion import fileio
 from patch_diffusion import parallel
 
 LOCK_NAME = "train.lock"
@@ -157,9 +158,7 @@ class WorkdirLock:
     while not self._stop.wait(HEARTBEAT_S):
       try:
         self._record["heartbeat"] = time.time()
-        tmp = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self._record))
-        tmp.rename(self.path)
+        fileio.write_text(self.path, json.dumps(self._record))
       except OSError as e:  # a full disk must not kill training; the lock just ages
         logging.warning("could not refresh %s: %s", self.path, e)
 

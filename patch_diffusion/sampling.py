@@ -6,6 +6,7 @@ count. Memory is bounded by the per-call batch size, not by the number of images
 """
 from __future__ import annotations
 
+import io
 import math
 import time
 from typing import Callable, Optional
@@ -16,15 +17,13 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
+from patch_diffusion import fileio
+from patch_diffusion import image_grid
 from patch_diffusion import parallel
+from patch_diffusion import progress
 from patch_diffusion.data import patches as patches_lib
 from patch_diffusion.edm import sampler as sampler_lib
 from patch_diffusion.edm.precond import make_denoiser
-
-
-def to_uint8(x: jnp.ndarray) -> jnp.ndarray:
-  """[−1, 1] float → uint8 with EDM's rounding (x·127.5 + 128, clipped)."""
-  return jnp.clip(x * 127.5 + 128, 0, 255).astype(jnp.uint8)
 
 
 def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerSettings, *,
@@ -61,32 +60,64 @@ def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerS
     onehot = jax.nn.one_hot(labels, num_classes) if num_classes else None
     denoise_fn = make_denoiser(apply_fn, variables, precond, dtype=dtype)
     x = sampler_lib.edm_sample(denoise_fn, latents, grid, k_churn, onehot, settings)
-    return (to_uint8(x) if quantize else x), labels.astype(jnp.int32)
+    return (image_grid.to_uint8(x, jnp) if quantize else x), labels.astype(jnp.int32)
 
   return jax.jit(generate, out_shardings=(sharded, sharded))
 
 
 def generate_images(generate_fn: Callable, variables, *, num_images: int, batch_size: int, seed: int,
-                    log_every: int = 10) -> tuple[np.ndarray, np.ndarray]:
+                    log_every_s: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
   """Runs ``generate_fn`` until ``num_images`` exist; returns host arrays on every process.
 
   Returns:
-    images uint8 [num_images, R, R, C] and labels int32 [num_images].
+    images uint8 [num_images, R, R, C] (or float latents) and labels int32 [num_images].
   """
   key = jax.random.key(seed)
   num_batches = math.ceil(num_images / batch_size)
   images, labels = [], []
-  start = time.time()
+  count = progress.CountProgress("sampling", num_images, every_s=log_every_s)
   for b in range(num_batches):
     img, lab = generate_fn(variables, key, b)
     images.append(_to_host(img))
     labels.append(_to_host(lab))
-    if (b + 1) % log_every == 0 or b + 1 == num_batches:
-      done = min((b + 1) * batch_size, num_images)
-      rate = done / max(time.time() - start, 1e-9)
-      logging.info("sampling: %d/%d images (%.1f img/s, ETA %.0f s)", done, num_images, rate,
-                   (num_images - done) / max(rate, 1e-9))
+    count.update(min((b + 1) * batch_size, num_images))
   return np.concatenate(images)[:num_images], np.concatenate(labels)[:num_images]
+
+
+def write_samples(make_generate: Callable[[int], Callable], variables, workdir: str, *, num_images: int,
+                  seed: int, batch_size: int, mesh: Mesh, latent: bool = False,
+                  with_labels: bool = False) -> str:
+  """Generates ``num_images`` and writes ``<workdir>/samples.npz`` (+ ``samples.png``) on process 0.
+
+  Args:
+    make_generate: ``batch_size -> generate_fn`` (e.g. ``Experiment.generate_fn``).
+    variables: the (EMA) network variables, replicated on ``mesh``.
+    workdir: output folder (local or ``gs://``).
+    num_images, seed: how many samples, from which seed (``fold_in(key(seed), batch)``).
+    batch_size: global images per call, rounded up to the data-parallel size and capped by num_images.
+    latent: the samples are VAE latents (saved as float ``latents``, no PNG) instead of uint8 ``images``.
+    with_labels: also save the sampled class labels (``labels``).
+  Returns:
+    The path of ``samples.npz``.
+  """
+  n_data = parallel.data_parallel_size(mesh)
+  batch_size = min(parallel.round_up(batch_size, n_data), parallel.round_up(num_images, n_data))
+  t0 = time.time()
+  images, labels = generate_images(make_generate(batch_size), variables, num_images=num_images,
+                                   batch_size=batch_size, seed=seed)
+  path = f"{workdir}/samples.npz"
+  if jax.process_index() == 0:
+    arrays = {"latents" if latent else "images": images}
+    if with_labels:
+      arrays["labels"] = labels
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    fileio.write_bytes(path, buf.getvalue())
+    if not latent:  # latents need the VAE decoder to become pictures
+      image_grid.save_png(f"{workdir}/samples.png",
+                          image_grid.make_grid(images[:min(len(images), 256)], padding=1))
+    logging.info("wrote %d samples to %s in %.1f s", num_images, path, time.time() - t0)
+  return path
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

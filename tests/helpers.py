@@ -9,19 +9,13 @@ import ml_collections
 import numpy as np
 
 from configs import tiny_test
+from patch_diffusion import configs_io
 from patch_diffusion.data import patches
 
 
 def tiny(**overrides) -> ml_collections.ConfigDict:
   """configs/tiny_test.py with dotted overrides, e.g. ``tiny(**{"patch.real_p": 1.0})``."""
-  c = tiny_test.get_config()
-  for dotted, value in overrides.items():
-    node = c
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return configs_io.apply_overrides(tiny_test.get_config(), overrides)
 
 
 def steps_to_kimg(c: ml_collections.ConfigDict, n: int) -> float:

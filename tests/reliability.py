@@ -19,7 +19,8 @@ ENV_VAR = "PATCH_DIFFUSION_RELIABILITY_ROWS"
 _SEQ: dict[str, int] = {}
 
 _NORMALISE = [
-    (re.compile(r"/\S*?/pytest-of-[^/]+/pytest-\d+/[^/]+/"), "<tmp>/"),     # pytest's tmp_path
+    # pytest's tmp_path: <basetemp>/[popen-gwN/]<test name, cut, + a per-worker counter>/
+    (re.compile(r"/\S*?/pytest-of-[^/]+/pytest-\d+/(popen-gw\d+/)?[^/\s]+/"), "<tmp>/"),
     (re.compile(r"/tmp/tmp\w+/"), "<tmp>/"),
     (re.compile(r"-[0-9a-f]{16}\b"), "-<hash>"),                           # cache folder names
     (re.compile(r"\b[0-9a-f]{12}…"), "<hash>…"),                           # abbreviated digests

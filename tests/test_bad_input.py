@@ -27,8 +27,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from patch_diffusion import generate
 from patch_diffusion import checkpointing
 from patch_diffusion import train
+from patch_diffusion.config_validation import ConfigError
 from patch_diffusion.data import datasets
 from patch_diffusion.data import input_pipeline
 from helpers import tiny, tree_digest, write_png16_rgb
@@ -68,18 +70,18 @@ def test_python_config_wrong_type():
 
 
 @pytest.mark.parametrize("case,overrides,error,match", [
-    ("non-positive resolution", {"data.resolution": 0}, ValueError, "data.resolution = 0 must be > 0"),
-    ("non-positive batch size", {"train.batch_size": 0}, ValueError, "train.batch_size = 0 must be > 0"),
-    ("negative channel count", {"model.model_channels": -8}, ValueError, "model.model_channels = -8"),
-    ("zero training length", {"train.total_kimg": 0.0}, ValueError, "train.total_kimg = 0.0 must be > 0"),
-    ("real_p above 1", {"patch.real_p": 1.5}, ValueError, r"real_p = 1.5 must lie in \[0, 1\]"),
-    ("real_p below 0", {"patch.real_p": -0.1}, ValueError, r"real_p = -0.1 must lie in \[0, 1\]"),
-    ("patch sizes R/4, R/2 not dividing R", {"data.resolution": 18}, ValueError, "divisible by 4"),
-    ("batch not divisible by the 8 devices", {"train.batch_size": 12}, ValueError,
-     "not divisible by the 8 data-parallel devices"),
-    ("NaN learning rate", {"train.lr": float("nan")}, ValueError, "train.lr = nan must be > 0"),
-    ("mesh larger than the devices", {"mesh.shape": (3,)}, ValueError, "needs 3 devices, but 8"),
-    ("2 image channels", {"data.num_channels": 2}, datasets.DatasetError, "must be 1 or 3"),
+    ("non-positive resolution", {"data.resolution": 0}, ConfigError, "data.resolution = 0: must be > 0"),
+    ("non-positive batch size", {"train.batch_size": 0}, ConfigError, "train.batch_size = 0: must be > 0"),
+    ("negative channel count", {"model.model_channels": -8}, ConfigError, "model.model_channels = -8: must be > 0"),
+    ("zero training length", {"train.total_kimg": 0.0}, ConfigError, "train.total_kimg = 0.0: must be > 0"),
+    ("real_p above 1", {"patch.real_p": 1.5}, ConfigError, r"patch.real_p = 1.5: must be >= 0 and <= 1"),
+    ("real_p below 0", {"patch.real_p": -0.1}, ConfigError, r"patch.real_p = -0.1: must be >= 0 and <= 1"),
+    ("patch sizes R/4, R/2 not dividing R", {"data.resolution": 18}, ConfigError, "data.resolution = 18: .*divisible by 4"),
+    ("batch not divisible by the 8 devices", {"train.batch_size": 12}, ConfigError,
+     "train.batch_size = 12: is not divisible by the 8 data-parallel devices"),
+    ("NaN learning rate", {"train.lr": float("nan")}, ConfigError, "train.lr = nan: must be > 0 and finite"),
+    ("mesh larger than the devices", {"mesh.shape": (3,)}, ConfigError, r"mesh.shape = \(3,\): needs 3 devices, but 8"),
+    ("2 image channels", {"data.num_channels": 2}, ConfigError, "data.num_channels = 2: must be 1 or 3"),
 ])
 def test_invalid_config_fails_before_anything_is_written(case, overrides, error, match, tmp_path):
   workdir = tmp_path / "run"
@@ -94,7 +96,7 @@ def test_invalid_config_fails_before_anything_is_written(case, overrides, error,
 def test_negative_seed(tmp_path):
   c = tiny()
   c.seed = -1
-  with pytest.raises(ValueError, match="seed must be a non-negative integer, got -1") as e:
+  with pytest.raises(ConfigError, match="seed = -1: must be a non-negative integer") as e:
     train.train_and_evaluate(c, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
   record("Configuration", "negative seed (`seed=-1`)", "error before compiling; no checkpoint",
@@ -507,7 +509,7 @@ def test_checkpoint_cases(tmp_path, small_fs_optional):
 
   # Sample mode without any checkpoint.
   with pytest.raises(checkpointing.CheckpointError, match="no checkpoint") as e:
-    train.sample(_small(), str(tmp_path / "never_trained"))
+    generate.sample(_small(), str(tmp_path / "never_trained"))
   record("Checkpoints", "`--mode=sample` in a workdir without checkpoints",
          "CheckpointError saying to train first or pass a converted network", message(e.value))
 

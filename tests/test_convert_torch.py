@@ -11,8 +11,10 @@ import json
 import numpy as np
 import pytest
 
-from patch_diffusion.models.torch_mapping import torch_state_dict_to_variables
-from patch_diffusion.tools import convert_torch, torch_formats
+from patch_diffusion.interop.torch_mapping import torch_state_dict_to_variables
+from patch_diffusion.interop import edm_checkpoint
+from patch_diffusion.interop import torch_formats
+from patch_diffusion.tools import convert_torch
 # The torch-like pickler shared by the reader tests (pytest puts tests/ on sys.path).
 from test_torch_formats import G, NewObj, Reduce, dumps, legacy_storage_bytes, ordered_dict, tensor
 
@@ -151,7 +153,7 @@ def test_npz_reader(fixtures_dir, tmp_path):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_architecture_inferred_from_tensors(fixtures_dir, name):
   state, meta = load_fixture_state(fixtures_dir, name)
-  class_name, kwargs = convert_torch.infer_network_kwargs(state)
+  class_name, kwargs = edm_checkpoint.infer_network_kwargs(state)
   assert class_name == meta["model_type"]
   for key, value in meta["model_kwargs"].items():
     if key != "dropout":
@@ -163,7 +165,7 @@ def test_architecture_inferred_from_tensors(fixtures_dir, name):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_convert_npz_matches_direct_mapping(fixtures_dir, name):
   state, meta = load_fixture_state(fixtures_dir, name)
-  variables, config = convert_torch.convert(str(fixtures_dir / "edm_torch" / f"{name}.npz"))
+  variables, config = edm_checkpoint.convert(str(fixtures_dir / "edm_torch" / f"{name}.npz"))
   assert config.data.resolution == meta["img_resolution"]
   assert config.data.num_channels == meta["img_channels"]
   assert config.data.use_labels == (meta["label_dim"] > 0) and config.data.num_classes == meta["label_dim"]
@@ -194,14 +196,14 @@ def test_convert_snapshot_uses_recorded_kwargs(fixtures_dir, tmp_path):
   meta["model_kwargs"]["dropout"] = 0.05
   path = tmp_path / "snap.pkl"
   path.write_bytes(snapshot_bytes(state, meta, tmp_path / "marker"))
-  variables, config = convert_torch.convert(str(path), {"data.name": "celeb_a"})
+  variables, config = edm_checkpoint.convert(str(path), {"data.name": "celeb_a"})
   assert not (tmp_path / "marker").exists()
   assert config.model.dropout == 0.05 and config.model.arch == "ncsnpp"
   assert config.model.resample_filter == (1, 3, 3, 1) and config.data.xflip is True
   assert config.data.name == "celeb_a"
   np.testing.assert_array_equal(variables["buffers"]["map_noise"]["freqs"], state["model.map_noise.freqs"])
   # Flags win over the recorded kwargs.
-  _, config = convert_torch.convert(str(path), {"dropout": 0.0})
+  _, config = edm_checkpoint.convert(str(path), {"dropout": 0.0})
   assert config.model.dropout == 0.0
 
 
@@ -212,7 +214,7 @@ def test_convert_plain_edm_network_pads_coordinates(fixtures_dir, tmp_path):
   path = tmp_path / "edm.pkl"
   path.write_bytes(snapshot_bytes(edm_state, meta, tmp_path / "marker", class_name="EDMPrecond",
                                   img_channels=3))
-  variables, config = convert_torch.convert(str(path))
+  variables, config = edm_checkpoint.convert(str(path))
   kernel = variables["params"]["enc_16x16_conv"]["kernel"]
   assert kernel.shape == (3, 3, 5, 32) and not kernel[:, :, 3:].any()
   np.testing.assert_array_equal(kernel[:, :, :3], edm_state["model.enc.16x16_conv.weight"].transpose(2, 3, 1, 0))
@@ -227,10 +229,10 @@ def test_convert_errors_are_clear(fixtures_dir, tmp_path):
   path = tmp_path / "bad.npz"
   np.savez(path, **bad)
   with pytest.raises(ValueError) as info:
-    convert_torch.convert(str(path))
+    edm_checkpoint.convert(str(path))
   assert "model.unexpected" in str(info.value) and "map_layer1.bias" in str(info.value)
   with pytest.raises(ValueError, match="img_channels=4"):
-    convert_torch.convert(str(fixtures_dir / "edm_torch" / "ddpmpp_uncond.npz"), {"img_channels": 4})
+    edm_checkpoint.convert(str(fixtures_dir / "edm_torch" / "ddpmpp_uncond.npz"), {"img_channels": 4})
 
 
 def test_command_line_writes_pretrained_directory(fixtures_dir, tmp_path):

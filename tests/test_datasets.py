@@ -16,6 +16,7 @@ import PIL.Image
 import pytest
 
 from configs import default
+from patch_diffusion.config_validation import ConfigError
 from patch_diffusion.data import datasets
 from patch_diffusion.tools import prepare_dataset
 
@@ -116,21 +117,21 @@ def test_missing_split(tfds_dir):
     datasets.get_data_source(_cfg(name="celeb_a", data_dir=tfds_dir, split="valid"))
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(max_examples=-1), "max_examples must be >= 0"),
-    (dict(resolution=0), "resolution must be a positive integer"),
-    (dict(resolution=-8), "resolution must be a positive integer"),
-    (dict(resolution=32.0), "resolution must be an integer"),
-    (dict(num_channels=2), "num_channels must be 1 or 3"),
-    (dict(name=""), "name must be a non-empty string"),
-    (dict(num_workers=-1), "num_workers must be >= 0"),
-    (dict(xflip="yes"), "xflip must be True or False"),
-    (dict(split="test"), "single split 'train'"),
-    (dict(max_examples=1798), "exceeds the 1797 images"),
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(max_examples=-1), ConfigError, r"data.max_examples = -1: must be >= 0"),
+    (dict(resolution=0), ConfigError, r"data.resolution = 0: must be > 0"),
+    (dict(resolution=-8), ConfigError, r"data.resolution = -8: must be > 0"),
+    (dict(resolution=32.0), ConfigError, r"data.resolution = 32.0: must be an integer"),
+    (dict(num_channels=2), ConfigError, r"data.num_channels = 2: must be 1 or 3"),
+    (dict(name=""), ConfigError, r"data.name = '': must be a non-empty string"),
+    (dict(num_workers=-1), ConfigError, r"data.num_workers = -1: must be >= 0"),
+    (dict(xflip="yes"), ConfigError, r"data.xflip = 'yes': must be True or False"),
+    (dict(split="test"), datasets.DatasetError, "single split 'train'"),
+    (dict(max_examples=1798), datasets.DatasetError, "exceeds the 1797 images"),
 ])
-def test_bad_config_values(overrides, match):
+def test_bad_config_values(overrides, error, match):
   # A plain dict, so that wrongly typed values get past ConfigDict's own type check.
-  with pytest.raises(datasets.DatasetError, match=match):
+  with pytest.raises(error, match=match):
     datasets.get_data_source({**_cfg().to_dict(), **overrides})
 
 

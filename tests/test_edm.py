@@ -90,7 +90,7 @@ def test_loss_weighting_and_reduction():
 
 def test_loss_noise_is_what_the_denoiser_sees():
   key = jax.random.key(2)
-  y = jnp.zeros((3, 4, 4, 1))
+  y = jax.random.uniform(jax.random.key(5), (3, 4, 4, 1), minval=-1, maxval=1)
   pos = patches.full_grid(4, batch=3)
   seen = {}
 
@@ -99,11 +99,18 @@ def test_loss_noise_is_what_the_denoiser_sees():
     return x
 
   out = loss_lib.patch_loss(identity, key, y, pos, None, loss_lib.EDMNoise())
-  # Identity denoiser on zero data: loss = λ Σ (σε)²; the noise std per sample is σ.
-  per_std = jnp.std(seen["x"].reshape(3, -1), axis=1)
-  assert np.all(np.abs(np.asarray(per_std / seen["sigma"]) - 1) < 0.5)
-  np.testing.assert_allclose(out, loss_lib.EDMNoise().sample(jax.random.split(key)[0], 3)[1]
-                             * jnp.sum(seen["x"]**2, axis=(1, 2, 3)), rtol=1e-5)
+  # The drawn ε (the loss splits its key into (σ, ε) keys) and σ: the denoiser sees exactly y + σ·ε (bit
+  # for bit: x_noisy − y = σ·ε up to the rounding of that one addition), so a noise-scale or noise-draw
+  # bug of any size fails here.
+  k_sigma, k_noise = jax.random.split(key)
+  sigma, weight = loss_lib.EDMNoise().sample(k_sigma, 3)
+  eps = jax.random.normal(k_noise, y.shape, jnp.float32)
+  np.testing.assert_array_equal(seen["sigma"], sigma)
+  np.testing.assert_array_equal(seen["x"], y + sigma[:, None, None, None] * eps)
+  np.testing.assert_allclose(seen["x"] - y, sigma[:, None, None, None] * eps, rtol=1e-6, atol=1e-6)
+  # Identity denoiser: loss = λ Σ (σε)².
+  np.testing.assert_allclose(out, weight * jnp.sum((sigma[:, None, None, None] * eps)**2, axis=(1, 2, 3)),
+                             rtol=1e-5)
 
 
 def test_loss_is_deterministic_for_a_key_and_varies_across_keys():

@@ -12,6 +12,7 @@ import PIL.Image
 import pytest
 
 from patch_diffusion.data import image_folder
+from patch_diffusion.data import preprocess
 from helpers import write_png16_rgb
 
 R = 8
@@ -175,7 +176,7 @@ def test_exif_orientation_applied(tmp_path):
 
 
 def test_to_uint8_channels_rules():
-  f = image_folder.to_uint8_channels
+  f = preprocess.to_uint8_channels
   np.testing.assert_array_equal(f(np.array([[0, 65535, 32768]], np.uint16), 1)[..., 0], [[0, 255, 128]])
   np.testing.assert_array_equal(f(np.array([[0.0, 1.0, 2.0, -1.0]], np.float32), 1)[..., 0], [[0, 255, 255, 0]])
   np.testing.assert_array_equal(f(np.array([[True, False]]), 3)[0, :, 0], [255, 0])
@@ -194,9 +195,9 @@ def test_center_crop_matches_edm_indexing():
     img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     crop = min(h, w)
     ref = img[(h - crop) // 2 : (h + crop) // 2, (w - crop) // 2 : (w + crop) // 2]
-    np.testing.assert_array_equal(image_folder.center_crop_resize(img, crop), ref)
+    np.testing.assert_array_equal(preprocess.center_crop_resize(img, crop), ref)
     resized = np.asarray(PIL.Image.fromarray(ref).resize((3, 3), PIL.Image.Resampling.LANCZOS))
-    np.testing.assert_array_equal(image_folder.center_crop_resize(img, 3), resized)
+    np.testing.assert_array_equal(preprocess.center_crop_resize(img, 3), resized)
 
 
 def test_cache_files_exist_and_temp_dirs_are_gone(messy_folder):

@@ -20,7 +20,8 @@ import pytest
 from flax import traverse_util
 
 from patch_diffusion.evaluation import inception, inception_weights as iw
-from patch_diffusion.tools import fetch_inception, torch_formats
+from patch_diffusion.interop import torch_formats
+from patch_diffusion.tools import fetch_inception
 # The torch.save writer shared by the reader tests (pytest puts tests/ on sys.path).
 from test_torch_formats import array_tensor, write_torch_file
 

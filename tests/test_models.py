@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from patch_diffusion.edm.precond import EDMPrecond, denoise
 from patch_diffusion.models import DhariwalUNet, SongUNet, create_model, init_params, registry
-from patch_diffusion.models.torch_mapping import torch_state_dict_to_variables
+from patch_diffusion.interop.torch_mapping import torch_state_dict_to_variables
 
 FIXTURES = ("ddpmpp_uncond", "ddpmpp_cond", "ncsnpp_uncond", "adm_cond")
 TOLERANCE = 1e-4  # max |err| / max |D|, float32

@@ -3,7 +3,7 @@
 launch/local_multiprocess.sh starts ``python -m patch_diffusion.main`` twice (PATCH_DIFFUSION_COORDINATOR /
 NUM_PROCESSES / PROCESS_ID -> jax.distributed.initialize, gloo CPU collectives). The run uses a one-level
 tiny network and the two-size schedule {8, 16} (patch.latent) so only two executables compile per process,
-and ``train.debug_log_sizes`` so each process records the patch size, its example indices per step and
+and the test hook of tests/step_record.py (the trainer plus a recording hook) so each process records the patch size, its example indices per step and
 final per-device parameter digests.
 
 The reference for "equal to a 1-process 8-device run fed the same global batches": a global batch is, by
@@ -31,6 +31,8 @@ import numpy as np
 import pytest
 
 from configs import tiny_test
+from patch_diffusion import experiment
+from patch_diffusion import generate
 from patch_diffusion import checkpointing
 from patch_diffusion import parallel
 from patch_diffusion import state as state_lib
@@ -49,7 +51,6 @@ OVERRIDES = {
     "patch.latent": True,                 # sizes {8, 16}: seed 0 draws 16, 16, 8, 8
     "train.checkpoint_every_steps": 2,
     "train.log_every_steps": 1,
-    "train.debug_log_sizes": True,
     # STEPS steps of 16 x average multiplier 1.5 = 24 counted images each.
     "train.total_kimg": (STEPS - 0.5) * 24 / 1000,
 }
@@ -77,14 +78,16 @@ def launcher_env() -> dict[str, str]:
 
 
 def run_two_processes(workdir: pathlib.Path, logs: pathlib.Path, extra=()) -> subprocess.CompletedProcess:
-  cmd = [str(LAUNCHER), "-n", "2", "-d", "4", "-l", str(logs), "-k", "10", "--", sys.executable, "-m",
-         "patch_diffusion.main", f"--config={REPO / 'configs' / 'tiny_test.py'}", f"--workdir={workdir}"]
+  # tests/step_record.py = patch_diffusion.main plus the test hook that records each step's examples.
+  cmd = [str(LAUNCHER), "-n", "2", "-d", "4", "-l", str(logs), "-k", "10", "--", sys.executable,
+         str(REPO / "tests" / "step_record.py"), f"--config={REPO / 'configs' / 'tiny_test.py'}",
+         f"--workdir={workdir}"]
   cmd += [f"--config.{k}={flag(v)}" for k, v in OVERRIDES.items()] + list(extra)
   return subprocess.run(cmd, cwd=REPO, env=launcher_env(), timeout=900, capture_output=True, text=True)
 
 
 def params_sha256(params) -> str:
-  """The digest the trainer's debug log computes per device (leaf order, raw float32 bytes)."""
+  """The digest tests/step_record.py computes per device (leaf order, raw float32 bytes)."""
   h = hashlib.sha256()
   for leaf in jax.tree.leaves(params):
     h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
@@ -93,7 +96,7 @@ def params_sha256(params) -> str:
 
 def replay_one_process(c, steps: list[dict], other_steps: list[dict]):
   """Trains STEPS steps in this process (8 devices) on the global batches [process 0 ; process 1]."""
-  exp = train.build_experiment(c)
+  exp = experiment.build_experiment(c)
   assert jax.process_count() == 1 and parallel.data_parallel_size(exp.mesh) == 8
   k_init, k_train, _ = jax.random.split(jax.random.key(c.seed), 3)
   state = jax.device_put(state_lib.create_train_state(exp.init_variables(k_init), exp.tx),
@@ -114,7 +117,7 @@ def replay_one_process(c, steps: list[dict], other_steps: list[dict]):
 
 
 def restore(c, workdir: pathlib.Path):
-  exp = train.build_experiment(c)
+  exp = experiment.build_experiment(c)
   template = jax.device_put(state_lib.create_train_state(exp.init_variables(jax.random.key(0)), exp.tx),
                             parallel.replicated(exp.mesh))
   ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
@@ -144,7 +147,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert [r["step"] for r in steps[0]] == [r["step"] for r in steps[1]] == list(range(STEPS))
   sizes = [[r["size"] for r in s] for s in steps]
   assert sizes[0] == sizes[1]
-  exp = train.build_experiment(c, check_data=False)
+  exp = experiment.build_experiment(c, check_data=False)
   assert sizes[0] == [exp.schedule.patch_size(s) for s in range(STEPS)] == [16, 16, 8, 8]
 
   # --- their data shards are disjoint, each a contiguous part of the split --------------------------
@@ -198,7 +201,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert tree_digest(ckpt_dir) == before
 
   # --- sample mode from 1 process works on the 2-process checkpoint ----------------------------------
-  path = train.sample(c, str(workdir))
+  path = generate.sample(c, str(workdir))
   with np.load(path) as f:
     images = f["latents"]  # patch.latent=True runs store their samples as latents
   # Latents are float32 network outputs (no VAE here); they must be finite samples, not a constant.
@@ -261,7 +264,7 @@ def test_slurm_environment_is_detected(tmp_path):
     log.close()
     text = (tmp_path / f"task_{i}.log").read_text()
     assert f"JAX process {i}/2, 4 local / 8 global devices (cpu)" in text, text[-3000:]
-    assert "patch.real_p = 2.0 must lie in [0, 1]" in text
+    assert "patch.real_p = 2.0: must be >= 0 and <= 1" in text
     assert p.returncode != 0
 
 

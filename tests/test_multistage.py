@@ -15,7 +15,7 @@ from flax import traverse_util
 
 from patch_diffusion.models import MultistageUNet, create_model, init_params, registry, stage_of_sigma
 from patch_diffusion.models.multistage_unet import boundaries_from_stage_interval, check_stage_boundaries
-from patch_diffusion.models.torch_mapping import (_leaf_candidates, _to_flax, flax_path,
+from patch_diffusion.interop.torch_mapping import (_leaf_candidates, _to_flax, flax_path,
                                                   torch_state_dict_to_variables,
                                                   variables_to_torch_state_dict)
 

@@ -1,4 +1,4 @@
-"""The torch-free reader of PyTorch files (``tools/torch_formats.py``): ``torch.save`` zip and legacy
+"""The torch-free reader of PyTorch files (``interop/torch_formats.py``): ``torch.save`` zip and legacy
 streams, TorchScript archives, restricted unpickling.
 
 Inputs are written here byte-for-byte in the structure PyTorch writes (same GLOBAL names, persistent ids,
@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from patch_diffusion.tools import torch_formats
+from patch_diffusion.interop import torch_formats
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from patch_diffusion.models import DhariwalUNet, SongUNet
-from patch_diffusion.models.torch_mapping import (StateDictMismatchError, flax_path, torch_name,
+from patch_diffusion.interop.torch_mapping import (StateDictMismatchError, flax_path, torch_name,
                                                   torch_state_dict_to_variables,
                                                   variables_to_torch_state_dict)
 

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from patch_diffusion import experiment
+from patch_diffusion import generate
 from patch_diffusion import checkpointing
 from patch_diffusion import parallel
 from patch_diffusion import state as state_lib
@@ -18,7 +20,7 @@ from helpers import read_jsonl, steps_to_kimg, tiny
 
 
 def restore_params(workdir, config, step=None):
-  exp = train.build_experiment(config)
+  exp = experiment.build_experiment(config)
   template = jax.device_put(state_lib.create_train_state(exp.init_variables(jax.random.key(0)), exp.tx),
                             parallel.replicated(exp.mesh))
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -42,7 +44,7 @@ def test_run_writes_logs_checkpoints_and_follows_schedule(uninterrupted):
   assert result["step"] == 6 and np.isfinite(result["loss"])
   records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
   assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-  exp = train.build_experiment(c)
+  exp = experiment.build_experiment(c)
   for r in records:
     # One step per log line: exactly one size appears, and it is the schedule's size for that step.
     used = [int(k.split("_")[-1]) for k in r if k.startswith("frac_steps_")]
@@ -76,7 +78,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(uninterrupted, tmp_pa
 
 def test_sample_mode_writes_npz_and_grid(uninterrupted):
   c, workdir, _ = uninterrupted
-  path = train.sample(c, workdir)
+  path = generate.sample(c, workdir)
   with np.load(path) as f:
     images = f["images"]
     assert "labels" not in f.files
@@ -87,7 +89,7 @@ def test_sample_mode_writes_npz_and_grid(uninterrupted):
 
 def _one_step(config, devices, batch, state_host):
   mesh = parallel.create_mesh((-1,), ("data",), devices=devices)
-  exp = train.build_experiment(config)
+  exp = experiment.build_experiment(config)
   exp.mesh = mesh
   state = jax.device_put(state_host, parallel.replicated(mesh))
   step = steps_lib.make_train_step(exp.model.apply, exp.tx, exp.precond, exp.noise_dist,
@@ -101,7 +103,7 @@ def _one_step(config, devices, batch, state_host):
 
 def test_sharded_step_equals_single_device_step():
   c = tiny()
-  exp = train.build_experiment(c)
+  exp = experiment.build_experiment(c)
   state = jax.device_get(state_lib.create_train_state(exp.init_variables(jax.random.key(0)), exp.tx))
   rng = np.random.default_rng(0)
   batch = {"image": rng.integers(0, 256, (32, 16, 16, 1), dtype=np.uint8),
@@ -166,7 +168,7 @@ def test_bf16_compute_loss_close_to_fp32():
   from patch_diffusion.data import patches  # pylint: disable=g-import-not-at-top
   from patch_diffusion.edm import loss as loss_lib  # pylint: disable=g-import-not-at-top
   c32, c16 = tiny(), tiny(**{"model.dtype": "bfloat16"})
-  e32, e16 = train.build_experiment(c32), train.build_experiment(c16)
+  e32, e16 = experiment.build_experiment(c32), experiment.build_experiment(c16)
   variables = e32.init_variables(jax.random.key(0))
   images = jax.random.uniform(jax.random.key(1), (64, 16, 16, 1), minval=-1, maxval=1)
   p, pos = patches.random_patches(jax.random.key(2), images, 8)
@@ -190,7 +192,7 @@ def test_converted_fixture_network_samples_through_sample_mode(fixtures_dir, tmp
   convert_torch.main([str(fixtures_dir / "edm_torch" / "ddpmpp_uncond_state_dict.pt"), str(dst)])
   c = tiny(**{"sample.pretrained": str(dst), "sample.num_samples": 8, "sample.batch_size": 8,
               "sample.num_steps": 4})
-  path = train.sample(c, str(tmp_path / "fresh_workdir"))  # the workdir does not exist yet
+  path = generate.sample(c, str(tmp_path / "fresh_workdir"))  # the workdir does not exist yet
   with np.load(path) as f:
     images = f["images"]
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8  # the converted net's 16×16×3

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Optional
 
 from etils import epath
 import xxhash
+
+from patch_diffusion import fileio
 
 #: The manifest's file name inside a checkpoint folder.
 MANIFEST_NAME = "manifest.json"
@@ -58,7 +59,7 @@ def _files(folder: epath.Path) -> list[str]:
   for dirpath, _, filenames in folder.walk():
     for name in filenames:
       rel = (epath.Path(dirpath) / name).relative_to(folder).as_posix()
-      if rel not in _UNLISTED and not rel.startswith(f".{MANIFEST_NAME}."):
+      if rel not in _UNLISTED and not (rel.startswith(f".{MANIFEST_NAME}.") and rel.endswith(".tmp")):
         out.append(rel)
   return sorted(out)
 
@@ -86,9 +87,7 @@ def write_manifest(folder: epath.Path | str, **info: Any) -> dict:
   """Builds the manifest of ``folder`` and writes it to ``folder/manifest.json`` atomically."""
   folder = epath.Path(folder)
   manifest = build_manifest(folder, **info)
-  tmp = folder / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-  tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-  tmp.rename(folder / MANIFEST_NAME)
+  fileio.write_text(folder / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
   return manifest
 
 

@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from patch_diffusion import fileio
 from patch_diffusion import parallel
 from patch_diffusion.checkpointing import manifest as manifest_lib
 from patch_diffusion.checkpointing.errors import CheckpointDamagedError, CheckpointError
@@ -315,8 +316,7 @@ def save_pretrained(directory: str, variables: dict, config: ml_collections.Conf
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, "variables"), variables, force=True)
     ckptr.wait_until_finished()
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  fileio.write_text(os.path.join(directory, "config.json"), fileio.config_json(config) + "\n")
   manifest_lib.write_manifest(directory, kind="pretrained")
 
 

@@ -5,8 +5,7 @@ does not pay for importing grain (about a second).
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from patch_diffusion import lazy
 
 _EXPORTS = {
     "DatasetError": "datasets",
@@ -29,12 +28,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-  module = _EXPORTS.get(name)
-  if module is None:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-  return getattr(importlib.import_module(f"{__name__}.{module}"), name)
-
-
-def __dir__() -> list[str]:
-  return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy.exports(__name__, _EXPORTS, globals())

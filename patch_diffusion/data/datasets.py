@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import os
 from typing import Any, Sequence
 
@@ -25,6 +26,8 @@ from absl import logging
 import numpy as np
 import PIL.Image
 
+from patch_diffusion import config_validation
+from patch_diffusion import user_cache
 from patch_diffusion.data import image_folder
 
 #: Names served without TFDS.
@@ -179,45 +182,13 @@ class SubsetSource:
 # ---------------------------------------------------------------------------------------------
 
 
-def config_value(cfg: Any, key: str, default: Any = None) -> Any:
-  """``cfg.key`` for a ConfigDict/namespace or ``cfg[key]`` for a plain dict, else ``default``."""
-  if isinstance(cfg, dict):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default)
-
-
-def _int_field(cfg: Any, key: str, default: int) -> int:
-  value = config_value(cfg, key, default)
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise DatasetError(f"data.{key} must be an integer, got {value!r} ({type(value).__name__})")
-  return int(value)
-
-
 def validate_data_config(data_config: Any) -> None:
-  """Checks the values of ``config.data`` that need no I/O; raises DatasetError with the fix."""
-  name = config_value(data_config, "name", "")
-  if not isinstance(name, str) or not name.strip():
-    raise DatasetError(f"data.name must be a non-empty string, got {name!r}; known: {', '.join(known_datasets())}")
-  resolution = _int_field(data_config, "resolution", 0)
-  if resolution <= 0:
-    raise DatasetError(f"data.resolution must be a positive integer, got {resolution}")
-  channels = _int_field(data_config, "num_channels", 3)
-  if channels not in (1, 3):
-    raise DatasetError(f"data.num_channels must be 1 or 3, got {channels}")
-  max_examples = _int_field(data_config, "max_examples", 0)
-  if max_examples < 0:
-    raise DatasetError(f"data.max_examples must be >= 0 (0 = the whole split), got {max_examples}")
-  if _int_field(data_config, "num_workers", 0) < 0:
-    raise DatasetError(f"data.num_workers must be >= 0, got {config_value(data_config, 'num_workers')}")
-  if _int_field(data_config, "prefetch", 2) < 0:
-    raise DatasetError(f"data.prefetch must be >= 0, got {config_value(data_config, 'prefetch')}")
-  split = config_value(data_config, "split", "train")
-  if not isinstance(split, str) or not split:
-    raise DatasetError(f"data.split must be a non-empty string, got {split!r}")
-  for key in ("xflip", "use_labels"):
-    value = config_value(data_config, key, False)
-    if not isinstance(value, (bool, np.bool_)):
-      raise DatasetError(f"data.{key} must be True or False, got {value!r}")
+  """Checks the values of ``config.data`` that need no I/O (``config_validation.validate_data``).
+
+  Raises:
+    config_validation.ConfigError: naming the field and the fix.
+  """
+  config_validation.validate_data(data_config)
 
 
 def known_datasets() -> list[str]:
@@ -228,6 +199,36 @@ def known_datasets() -> list[str]:
 def prepare_command(name: str, data_dir: str) -> str:
   """The exact shell command that prepares TFDS dataset ``name`` into ``data_dir``."""
   return f"python -m {PREPARE_MODULE} --name {name} --data_dir {data_dir}"
+
+
+def dataset_id(data_config: Any) -> str:
+  """A stable name for the configured data at its channel count (what derived files are keyed by).
+
+  TFDS and built-in datasets use their name; an image folder ``folder_<basename>_<sha1 of its absolute
+  path>``; ``_gray`` is appended for 1-channel data (its grayscale version of the images).
+  """
+  name = data_config["name"]
+  if name == FOLDER:
+    folder = os.path.abspath(os.path.expanduser(data_config["folder"]))
+    digest = hashlib.sha1(folder.encode()).hexdigest()[:8]
+    name = f"folder_{os.path.basename(folder.rstrip(os.sep))}_{digest}"
+  return name + ("_gray" if int(data_config["num_channels"]) == 1 else "")
+
+
+def derived_data_dir(data_config: Any) -> str:
+  """Where files derived from the data (FID reference statistics, latent datasets) are cached.
+
+  ``data.data_dir`` if set; else the TFDS default data dir, the image folder's own cache folder, or the
+  user cache folder for the embedded digits.
+  """
+  given = os.path.expanduser(data_config["data_dir"] or "")
+  if given:
+    return given
+  if data_config["name"] == DIGITS:
+    return str(user_cache.cache_dir())
+  if data_config["name"] == FOLDER:
+    return os.path.join(os.path.abspath(os.path.expanduser(data_config["folder"])), image_folder.CACHE_SUBDIR)
+  return default_tfds_data_dir()
 
 
 def default_tfds_data_dir() -> str:
@@ -289,9 +290,9 @@ def _find_image_key(features: Any, name: str) -> str:
 def _tfds_source(data_config: Any) -> tuple[Any, DatasetInfo]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  name = config_value(data_config, "name")
-  split = config_value(data_config, "split", "train")
-  data_dir = os.path.expanduser(config_value(data_config, "data_dir", "") or "") or None
+  name = data_config["name"]
+  split = data_config["split"]
+  data_dir = os.path.expanduser(data_config["data_dir"] or "") or None
   shown_dir = data_dir or default_tfds_data_dir()
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -322,7 +323,7 @@ def _tfds_source(data_config: Any) -> tuple[Any, DatasetInfo]:
   label_key = None
   label_names: tuple[str, ...] = ()
   num_classes = 0
-  if config_value(data_config, "use_labels", False):
+  if data_config["use_labels"]:
     label = dict(features.items()).get("label")
     if not isinstance(label, tfds.features.ClassLabel):
       raise DatasetError(
@@ -339,41 +340,41 @@ def _tfds_source(data_config: Any) -> tuple[Any, DatasetInfo]:
 
 def _folder_source(data_config: Any) -> tuple[Any, DatasetInfo]:
   conv = image_folder.prepare_image_folder(
-      config_value(data_config, "folder", ""),
-      resolution=int(config_value(data_config, "resolution")),
-      num_channels=int(config_value(data_config, "num_channels", 3)),
-      data_dir=os.path.expanduser(config_value(data_config, "data_dir", "") or ""),
+      data_config["folder"],
+      resolution=int(data_config["resolution"]),
+      num_channels=int(data_config["num_channels"]),
+      data_dir=os.path.expanduser(data_config["data_dir"] or ""),
   )
-  split = config_value(data_config, "split", "train")
+  split = data_config["split"]
   if split != "train":
     raise DatasetError(f"an image folder has a single split 'train', got data.split={split!r}")
   if conv.skipped and conv.reused:
     # Repeat the report on every run, not only on the run that converted the folder.
     logging.warning("image folder %s: %s (files that could not be read)",
-                    config_value(data_config, "folder"), image_folder.describe_skipped(conv.skipped))
+                    data_config["folder"], image_folder.describe_skipped(conv.skipped))
   source = image_folder.ImageFolderSource(conv.cache_dir)
   num_classes = 0
   label_names: tuple[str, ...] = ()
-  if config_value(data_config, "use_labels", False):
+  if data_config["use_labels"]:
     if not conv.class_names:
       raise DatasetError(
-          f"data.use_labels=True but image folder {config_value(data_config, 'folder')} has no labels (labels come "
+          f"data.use_labels=True but image folder {data_config['folder']} has no labels (labels come "
           "from top-level sub-folder names, and every image must lie in one of at least two sub-folders); "
           "set --config.data.use_labels=False"
       )
     num_classes = len(conv.class_names)
     label_names = conv.class_names
-  desc = (f"image folder {config_value(data_config, 'folder')} ({conv.num_files} image files, "
+  desc = (f"image folder {data_config['folder']} ({conv.num_files} image files, "
           f"{image_folder.describe_skipped(conv.skipped)}; cache {conv.cache_dir})")
   return source, _info(data_config, len(source), num_classes, desc, label_names)
 
 
 def _digits_source(data_config: Any) -> tuple[Any, DatasetInfo]:
-  split = config_value(data_config, "split", "train")
+  split = data_config["split"]
   if split != "train":
     raise DatasetError(f"the digits dataset has a single split 'train' (all 1,797 images), got {split!r}")
-  source = DigitsSource(int(config_value(data_config, "resolution")), int(config_value(data_config, "num_channels", 3)))
-  use_labels = bool(config_value(data_config, "use_labels", False))
+  source = DigitsSource(int(data_config["resolution"]), int(data_config["num_channels"]))
+  use_labels = bool(data_config["use_labels"])
   num_classes = DigitsSource.NUM_CLASSES if use_labels else 0
   names = tuple(str(i) for i in range(10)) if use_labels else ()
   desc = "scikit-learn handwritten digits (8x8, embedded), bicubic-upscaled"
@@ -382,9 +383,9 @@ def _digits_source(data_config: Any) -> tuple[Any, DatasetInfo]:
 
 def _info(data_config: Any, n: int, num_classes: int, desc: str, label_names: tuple[str, ...]) -> DatasetInfo:
   return DatasetInfo(
-      name=config_value(data_config, "name"), num_examples=n, resolution=int(config_value(data_config, "resolution")),
-      num_channels=int(config_value(data_config, "num_channels", 3)), num_classes=num_classes,
-      description=desc, split=config_value(data_config, "split", "train"), label_names=label_names,
+      name=data_config["name"], num_examples=n, resolution=int(data_config["resolution"]),
+      num_channels=int(data_config["num_channels"]), num_classes=num_classes,
+      description=desc, split=data_config["split"], label_names=label_names,
   )
 
 
@@ -406,7 +407,7 @@ def get_data_source(data_config: Any) -> tuple[Any, DatasetInfo]:
     prepare command), missing split, max_examples larger than the split, unusable image folder.
   """
   validate_data_config(data_config)
-  name = config_value(data_config, "name")
+  name = data_config["name"]
   try:
     if name == DIGITS:
       source, info = _digits_source(data_config)
@@ -419,7 +420,7 @@ def get_data_source(data_config: Any) -> tuple[Any, DatasetInfo]:
 
   if len(source) == 0:
     raise DatasetError(f"dataset {name!r} split {info.split!r} is empty")
-  max_examples = int(config_value(data_config, "max_examples", 0))
+  max_examples = int(data_config["max_examples"])
   if max_examples:
     if max_examples > len(source):
       raise DatasetError(

@@ -1,24 +1,10 @@
-"""Image files and arrays -> uint8 NHWC images, and image folders -> an ArrayRecord cache.
+"""Image folders -> an ArrayRecord cache at the training resolution, served as a random-access source.
 
-Two jobs that share one set of conversion rules:
-
-* Normalising one image (a PIL image or a numpy array from any source) to ``uint8`` with 1 or 3
-  channels, and EDM's ``center-crop`` transform (square center crop, then a PIL Lanczos resize to
-  R x R, as ``dataset_tool.py --transform=center-crop`` does in NVlabs/edm).
-* Converting a folder of image files ONCE into an ArrayRecord file in a cache directory (PNG
-  records at the training resolution), with a report of the files that could not be read, and
-  serving that cache as a random-access source.
-
-Conversion rules (documented in docs/DATA.md):
-  * 8-bit grayscale ('L', '1') -> replicated to 3 channels (or kept when C = 1).
-  * 16-bit ('I;16*', 'I', uint16 arrays) -> 8-bit by v * 255 / 65535, rounded. PIL itself reads
-    16-bit-per-channel RGB PNGs as 8-bit RGB (high byte).
-  * float images ('F', float arrays) -> values taken in [0, 1], clipped, times 255.
-  * CMYK, YCbCr, LAB, HSV -> RGB through PIL's conversion (no ICC colour management).
-  * Alpha (RGBA, LA, palette with transparency) -> alpha-composited onto a WHITE background.
-  * RGB -> 1 channel (C = 1) by ITU-R 601-2 luma, the formula of PIL's 'L' conversion.
-  * EXIF orientation is applied (photos taken in portrait mode come out upright).
-  * Non-square images are center-cropped to a square, then resized with Lanczos.
+A folder of image files is converted ONCE into an ArrayRecord file in a cache directory (PNG records at
+the training resolution), with a report of the files that could not be read (named in a warning and in the
+cache's ``metadata.json``); :class:`ImageFolderSource` serves that cache. The pixel conversion rules (bit
+depths, alpha, colour spaces, EXIF orientation, centre crop + Lanczos resize) are those of
+``preprocess.py``, shared with every other source; docs/DATA.md lists them.
 """
 from __future__ import annotations
 
@@ -37,7 +23,8 @@ from absl import logging
 import numpy as np
 import PIL.Image
 import PIL.ImageFile
-import PIL.ImageOps
+
+from patch_diffusion.data import preprocess
 
 #: Bumped whenever the cached record format or the conversion rules change (invalidates caches).
 CACHE_FORMAT_VERSION = 1
@@ -58,110 +45,6 @@ class ImageFolderError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-def to_uint8_channels(image: Any, num_channels: int) -> np.ndarray:
-  """Converts an image array of any common depth/channel layout to uint8 with C channels.
-
-  Args:
-    image: array [H, W] or [H, W, c] with c in {1, 2, 3, 4} (2 = gray+alpha, 4 = RGB+alpha);
-      dtype uint8 (0..255), another integer type (16-bit range 0..65535), bool, or float
-      (range [0, 1]).
-    num_channels: C, 1 or 3.
-
-  Returns:
-    uint8 array [H, W, C].
-
-  Raises:
-    ValueError: for an unsupported shape or channel count.
-  """
-  if num_channels not in (1, 3):
-    raise ValueError(f"num_channels must be 1 or 3, got {num_channels}")
-  arr = np.asarray(image)
-  if arr.ndim == 2:
-    arr = arr[:, :, None]
-  if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4) or arr.shape[0] < 1 or arr.shape[1] < 1:
-    raise ValueError(f"expected an image of shape [H, W] or [H, W, 1|2|3|4], got {arr.shape}")
-
-  # Bit depth -> 8 bits.
-  if arr.dtype == np.uint8:
-    pass
-  elif arr.dtype == np.bool_:
-    arr = arr.astype(np.uint8) * 255
-  elif np.issubdtype(arr.dtype, np.integer):
-    # Any wider integer image (uint16 PNG/TIFF, PIL's int32 'I' mode) is read as 16-bit range.
-    wide = np.clip(arr.astype(np.int64), 0, 65535)
-    arr = ((wide * 255 + 32767) // 65535).astype(np.uint8)
-  elif np.issubdtype(arr.dtype, np.floating):
-    arr = np.round(np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0).astype(np.uint8)
-  else:
-    raise ValueError(f"unsupported image dtype {arr.dtype}")
-
-  # Alpha -> composite onto white, so transparent pixels do not show whatever colour lies under them.
-  c = arr.shape[-1]
-  if c in (2, 4):
-    color = arr[:, :, : c - 1].astype(np.float32)
-    alpha = arr[:, :, c - 1 :].astype(np.float32) / 255.0
-    arr = np.round(color * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-
-  if arr.shape[-1] == 1 and num_channels == 3:
-    arr = np.repeat(arr, 3, axis=-1)
-  elif arr.shape[-1] == 3 and num_channels == 1:
-    # ITU-R 601-2 luma with integer rounding, the formula PIL uses for RGB -> 'L'.
-    rgb = arr.astype(np.uint32)
-    luma = (rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114 + 500) // 1000
-    arr = luma.astype(np.uint8)[:, :, None]
-  return np.ascontiguousarray(arr)
-
-
-def pil_to_array(image: PIL.Image.Image, num_channels: int) -> np.ndarray:
-  """Decodes a PIL image (any mode) to uint8 [H, W, C] with the rules of the module docstring.
-
-  Forces a full decode, so a truncated file raises ``OSError`` here.
-  """
-  try:
-    image = PIL.ImageOps.exif_transpose(image)
-  except Exception:  # pylint: disable=broad-except
-    # A malformed EXIF block must not lose an otherwise readable image; keep it as stored.
-    pass
-  mode = image.mode
-  if mode in ("P", "PA"):
-    has_alpha = mode == "PA" or "transparency" in image.info
-    image = image.convert("RGBA" if has_alpha else "RGB")
-  elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-    image = image.convert("RGB")
-  elif mode == "1":
-    image = image.convert("L")
-  elif mode == "RGBa":  # premultiplied alpha
-    image = image.convert("RGBA")
-  elif mode == "La":
-    image = image.convert("LA")
-  arr = np.asarray(image)
-  if image.mode.startswith("I;16"):
-    arr = arr.astype(np.uint16)  # 'I;16B' arrays come back big-endian; make them native
-  return to_uint8_channels(arr, num_channels)
-
-
-def center_crop_resize(image: np.ndarray, resolution: int) -> np.ndarray:
-  """EDM's 'center-crop' transform: crop the largest centred square, resize it to R x R.
-
-  Args:
-    image: uint8 [H, W, C], C in {1, 3}.
-    resolution: R > 0.
-
-  Returns:
-    uint8 [R, R, C]. PIL Lanczos resampling (antialiased when shrinking); no resize at all when
-    the crop is already R x R, so images prepared at R pass through unchanged.
-  """
-  h, w, c = image.shape
-  s = min(h, w)
-  top, left = (h - s) // 2, (w - s) // 2
-  image = image[top : top + s, left : left + s]
-  if s != resolution:
-    pil = PIL.Image.fromarray(image[:, :, 0] if c == 1 else image, "L" if c == 1 else "RGB")
-    pil = pil.resize((resolution, resolution), PIL.Image.Resampling.LANCZOS)
-    image = np.asarray(pil).reshape(resolution, resolution, c)
-  return np.ascontiguousarray(image)
-
-
 def load_image_file(path: str | os.PathLike[str], num_channels: int) -> np.ndarray:
   """Reads one image file fully and converts it to uint8 [H, W, C].
 
@@ -175,7 +58,7 @@ def load_image_file(path: str | os.PathLike[str], num_channels: int) -> np.ndarr
         logging.WARNING, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set: truncated files are not detected", 1
     )
   with PIL.Image.open(path) as image:
-    return pil_to_array(image, num_channels)
+    return preprocess.pil_to_array(image, num_channels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +175,7 @@ class FolderConversion:
 
 
 def _encode_one(path: str, resolution: int, num_channels: int) -> bytes:
-  image = center_crop_resize(load_image_file(path, num_channels), resolution)
+  image = preprocess.center_crop_resize(load_image_file(path, num_channels), resolution)
   buf = io.BytesIO()
   mode = "L" if num_channels == 1 else "RGB"
   PIL.Image.fromarray(image[:, :, 0] if num_channels == 1 else image, mode).save(
@@ -349,74 +232,18 @@ def prepare_image_folder(
     raise ImageFolderError(f"num_channels must be 1 or 3, got {num_channels}")
   scan = scan_image_folder(folder)
   cache = cache_dir_for(scan, resolution, num_channels, data_dir)
-  meta_path = cache / _METADATA_FILE
-  if meta_path.is_file():
-    meta = json.loads(meta_path.read_text())
-    conv = FolderConversion(
-        cache_dir=str(cache), num_examples=int(meta["num_examples"]), num_files=int(meta["num_files"]),
-        skipped=tuple((s["file"], s["reason"]) for s in meta["skipped"]),
-        class_names=tuple(meta["class_names"]), reused=True,
-    )
-    logging.info("image folder %s: reusing converted cache %s (%d images, %d skipped)",
-                 scan.root, cache, conv.num_examples, len(conv.skipped))
-    return conv
-
-  try:
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.parent / f".tmp-{cache.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-  except OSError as e:
-    raise ImageFolderError(
-        f"cannot create the image-folder cache under {cache.parent} ({e}); set "
-        "--config.data.data_dir to a writable directory"
-    ) from e
-
+  if (cache / _METADATA_FILE).is_file():
+    return _reuse(scan, cache)
+  tmp = _new_tmp_folder(cache)
   logging.info("image folder %s: converting %d files to %dx%dx%d ArrayRecord in %s",
                scan.root, len(scan.files), resolution, resolution, num_channels, cache)
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-
-  kept_labels: list[int] = []
-  kept_files: list[str] = []
-  skipped: list[tuple[str, str]] = []
   try:
-    writer = array_record_module.ArrayRecordWriter(str(tmp / _RECORDS_FILE), "group_size:1")
-    threads = num_threads or min(32, os.cpu_count() or 1)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
-      # Bounded windows keep memory flat for huge folders while PIL decodes in parallel (it
-      # releases the GIL); order is preserved so record i is the i-th readable file.
-      window = max(64, 8 * threads)
-      for start in range(0, len(scan.files), window):
-        rels = scan.files[start : start + window]
-        futures = [
-            pool.submit(_encode_one, os.path.join(scan.root, rel), resolution, num_channels) for rel in rels
-        ]
-        for rel, label, fut in zip(rels, scan.labels[start : start + window], futures):
-          try:
-            record = fut.result()
-          except Exception as e:  # pylint: disable=broad-except
-            skipped.append((rel, _skip_reason(e)))
-            continue
-          writer.write(record)
-          kept_files.append(rel)
-          kept_labels.append(label)
-    writer.close()
-    if not kept_files:
-      raise ImageFolderError(
-          f"image folder {scan.root}: none of its {len(scan.files)} image files could be read "
-          f"({describe_skipped(skipped)})"
-      )
+    files, labels, skipped = _write_records(scan, tmp / _RECORDS_FILE, resolution, num_channels, num_threads)
     meta = {
-        "format_version": CACHE_FORMAT_VERSION,
-        "folder": scan.root,
-        "resolution": resolution,
-        "num_channels": num_channels,
-        "num_files": len(scan.files),
-        "num_examples": len(kept_files),
-        "num_ignored_non_image_files": scan.num_ignored,
-        "class_names": list(scan.class_names),
-        "labels": kept_labels,
-        "files": kept_files,
-        "skipped": [{"file": f, "reason": r} for f, r in skipped],
+        "format_version": CACHE_FORMAT_VERSION, "folder": scan.root, "resolution": resolution,
+        "num_channels": num_channels, "num_files": len(scan.files), "num_examples": len(files),
+        "num_ignored_non_image_files": scan.num_ignored, "class_names": list(scan.class_names),
+        "labels": labels, "files": files, "skipped": [{"file": f, "reason": r} for f, r in skipped],
     }
     (tmp / _METADATA_FILE).write_text(json.dumps(meta))
     try:
@@ -428,7 +255,75 @@ def prepare_image_folder(
   finally:
     if tmp.exists():
       shutil.rmtree(tmp, ignore_errors=True)
+  _log_conversion(scan, cache, len(files), skipped)
+  return FolderConversion(cache_dir=str(cache), num_examples=len(files), num_files=len(scan.files),
+                          skipped=tuple(skipped), class_names=scan.class_names, reused=False)
 
+
+def _reuse(scan: FolderScan, cache: pathlib.Path) -> FolderConversion:
+  meta = json.loads((cache / _METADATA_FILE).read_text())
+  conv = FolderConversion(
+      cache_dir=str(cache), num_examples=int(meta["num_examples"]), num_files=int(meta["num_files"]),
+      skipped=tuple((s["file"], s["reason"]) for s in meta["skipped"]),
+      class_names=tuple(meta["class_names"]), reused=True,
+  )
+  logging.info("image folder %s: reusing converted cache %s (%d images, %d skipped)",
+               scan.root, cache, conv.num_examples, len(conv.skipped))
+  return conv
+
+
+def _new_tmp_folder(cache: pathlib.Path) -> pathlib.Path:
+  try:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.parent / f".tmp-{cache.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+  except OSError as e:
+    raise ImageFolderError(
+        f"cannot create the image-folder cache under {cache.parent} ({e}); set "
+        "--config.data.data_dir to a writable directory"
+    ) from e
+  return tmp
+
+
+def _write_records(scan: FolderScan, path: pathlib.Path, resolution: int, num_channels: int,
+                   num_threads: int | None) -> tuple[list[str], list[int], list[tuple[str, str]]]:
+  """Decodes every file in parallel and writes the readable ones in order; (files, labels, skipped).
+
+  Raises:
+    ImageFolderError: no file could be read.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+  files: list[str] = []
+  labels: list[int] = []
+  skipped: list[tuple[str, str]] = []
+  writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
+  threads = num_threads or min(32, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+    # Bounded windows keep memory flat for huge folders while PIL decodes in parallel (it releases the
+    # GIL); order is preserved so record i is the i-th readable file.
+    window = max(64, 8 * threads)
+    for start in range(0, len(scan.files), window):
+      rels = scan.files[start : start + window]
+      futures = [pool.submit(_encode_one, os.path.join(scan.root, rel), resolution, num_channels)
+                 for rel in rels]
+      for rel, label, fut in zip(rels, scan.labels[start : start + window], futures):
+        try:
+          record = fut.result()
+        except Exception as e:  # pylint: disable=broad-except
+          skipped.append((rel, _skip_reason(e)))
+          continue
+        writer.write(record)
+        files.append(rel)
+        labels.append(label)
+  writer.close()
+  if not files:
+    raise ImageFolderError(f"image folder {scan.root}: none of its {len(scan.files)} image files could be read "
+                           f"({describe_skipped(skipped)})")
+  return files, labels, skipped
+
+
+def _log_conversion(scan: FolderScan, cache: pathlib.Path, kept: int, skipped: list) -> None:
   if skipped:
     logging.warning(
         "image folder %s: %d of %d image files could not be read and were skipped -- %s "
@@ -437,11 +332,7 @@ def prepare_image_folder(
     )
   if scan.num_ignored:
     logging.info("image folder %s: ignored %d files without an image extension", scan.root, scan.num_ignored)
-  logging.info("image folder %s: converted %d images into %s", scan.root, len(kept_files), cache)
-  return FolderConversion(
-      cache_dir=str(cache), num_examples=len(kept_files), num_files=len(scan.files),
-      skipped=tuple(skipped), class_names=scan.class_names, reused=False,
-  )
+  logging.info("image folder %s: converted %d images into %s", scan.root, kept, cache)
 
 
 class ImageFolderSource:

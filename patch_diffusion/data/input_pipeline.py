@@ -21,7 +21,7 @@ import grain
 import numpy as np
 
 from patch_diffusion.data import datasets
-from patch_diffusion.data import image_folder
+from patch_diffusion.data import preprocess
 
 #: Version of the iterator-state layout; a state from another version is refused.
 _STATE_VERSION = 1
@@ -47,8 +47,8 @@ class PreprocessedSource:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     record = self._source[index]
-    image = image_folder.to_uint8_channels(record["image"], self._num_channels)
-    image = image_folder.center_crop_resize(image, self._resolution)
+    image = preprocess.to_uint8_channels(record["image"], self._num_channels)
+    image = preprocess.center_crop_resize(image, self._resolution)
     label = int(record.get("label", 0)) if self._use_labels else 0
     out = {"image": image, "label": np.int32(label)}
     if self._with_index:
@@ -106,7 +106,7 @@ def data_seed(seed: int) -> int:
 
 def _read_options(data_config: Any, batch_size: int, in_memory: bool) -> grain.ReadOptions:
   """Reader threads (decode + crop + resize run in them) and read-ahead of ``prefetch`` batches."""
-  prefetch = max(1, int(datasets.config_value(data_config, "prefetch", 2) or 1))
+  prefetch = max(1, int(data_config["prefetch"]))
   buffer = prefetch * batch_size
   # In-memory records (digits) are final already: threads would only contend for the GIL. More
   # threads than buffered records cannot run in parallel (grain warns about it).
@@ -229,10 +229,10 @@ def create_train_iterator(
       num_records=len(pre), shard_options=shard, shuffle=True, num_epochs=None, seed=gseed
   )
   operations: list[Any] = []
-  if bool(datasets.config_value(data_config, "xflip", False)):
+  if bool(data_config["xflip"]):
     operations.append(RandomXFlip())
   operations.append(grain.transforms.Batch(batch_size=batch_size, drop_remainder=True))
-  workers = int(datasets.config_value(data_config, "num_workers", 0) or 0)
+  workers = int(data_config["num_workers"])
   if workers:
     _allow_grain_workers_outside_absl_app()
   in_memory = bool(getattr(source, "in_memory", False))
@@ -241,13 +241,13 @@ def create_train_iterator(
       sampler=sampler,
       operations=operations,
       worker_count=workers,
-      worker_buffer_size=max(1, int(datasets.config_value(data_config, "prefetch", 2) or 1)),
+      worker_buffer_size=max(1, int(data_config["prefetch"])),
       shard_options=shard,
       read_options=_read_options(data_config, batch_size, in_memory),
   )
   fingerprint = {
       "source": repr(pre), "num_examples": info.num_examples, "batch_size": batch_size, "seed": int(seed),
-      "xflip": bool(datasets.config_value(data_config, "xflip", False)), "process_index": process_index,
+      "xflip": bool(data_config["xflip"]), "process_index": process_index,
       "process_count": process_count, "num_workers": workers,
   }
   logging.info("train input: %s, process %d/%d shard of %d images, batch %d, xflip=%s, %d workers",

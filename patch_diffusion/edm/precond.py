@@ -97,6 +97,10 @@ class VEPrecond:
 Precond = EDMPrecond | VPPrecond | VEPrecond
 
 
+#: Names ``config.edm.precond`` accepts.
+PRECONDS = ("edm", "vp", "ve")
+
+
 def get_precond(name: str, sigma_data: float = 0.5) -> Precond:
   """Returns the preconditioning named ``edm``, ``vp`` or ``ve``."""
   if name == "edm":

@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+#: Names ``config.sample.solver`` accepts.
+SOLVERS = ("heun", "euler")
+
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray]], jnp.ndarray]
 
 
@@ -38,7 +41,7 @@ class SamplerSettings:
   def __post_init__(self):
     if self.num_steps < 1:
       raise ValueError(f"sample.num_steps = {self.num_steps} must be >= 1")
-    if self.solver not in ("heun", "euler"):
+    if self.solver not in SOLVERS:
       raise ValueError(f"sample.solver = {self.solver!r}; expected 'heun' or 'euler'")
     if not 0 < self.sigma_min < self.sigma_max:
       raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
@@ -89,7 +92,7 @@ def guided(denoise_fn: DenoiseFn, guidance: float) -> DenoiseFn:
 
 def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, key: jax.Array | None = None,
                class_labels: Optional[jnp.ndarray] = None, settings: SamplerSettings = SamplerSettings(),
-               ) -> jnp.ndarray:
+               *, step_noise: Optional[jnp.ndarray] = None) -> jnp.ndarray:
   """Generates images by integrating the probability-flow ODE (or the churned SDE) from σ_max to 0.
 
   Args:
@@ -101,6 +104,9 @@ def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, 
     key: PRNG key for churn noise (required when S_churn > 0).
     class_labels: [N, L] one-hot, or None.
     settings: :class:`SamplerSettings`.
+    step_noise: optional standard-normal churn noise ``[num_steps, N, H, W, C]`` to use instead of
+      drawing it from ``key``: ``step_noise[i]`` is step i's draw (as the official ``edm_sampler`` makes one
+      on every step, also where γ = 0). For reproducing another implementation's trajectory exactly.
 
   Returns:
     The final sample x_N, same shape and dtype as ``latents`` (images in about [−1, 1]).
@@ -110,8 +116,11 @@ def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, 
   n = latents.shape[0]
   if x_pos.ndim == 3:
     x_pos = jnp.broadcast_to(x_pos, (n,) + x_pos.shape)
-  if s.S_churn > 0 and key is None:
-    raise ValueError("S_churn > 0 needs a PRNG key")
+  if s.S_churn > 0 and key is None and step_noise is None:
+    raise ValueError("S_churn > 0 needs a PRNG key (or step_noise)")
+  if step_noise is not None and tuple(step_noise.shape) != (s.num_steps,) + tuple(latents.shape):
+    raise ValueError(f"step_noise must have shape {(s.num_steps,) + tuple(latents.shape)}, got "
+                     f"{tuple(step_noise.shape)}")
   t_steps = jnp.asarray(sigma_steps(s.num_steps, s.sigma_min, s.sigma_max, s.rho), dtype)
   denoise = guided(denoise_fn, s.guidance)
   gamma_max = min(s.S_churn / s.num_steps, np.sqrt(2) - 1)
@@ -124,7 +133,8 @@ def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, 
       return x, t_cur
     gamma = jnp.where((t_cur >= s.S_min) & (t_cur <= s.S_max), gamma_max, 0.0).astype(dtype)
     t_hat = t_cur + gamma * t_cur
-    eps = jax.random.normal(jax.random.fold_in(key, i), x.shape, dtype)
+    eps = (step_noise[i].astype(dtype) if step_noise is not None
+           else jax.random.normal(jax.random.fold_in(key, i), x.shape, dtype))
     return x + jnp.sqrt(t_hat**2 - t_cur**2) * s.S_noise * eps, t_hat
 
   def step(i, x_cur):

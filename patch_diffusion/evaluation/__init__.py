@@ -2,7 +2,7 @@
 
 Typical use (see docs/EVALUATION.md)::
 
-  params = load_inception_params()                       # ~/.cache/patch_diffusion/inception_fid.npz
+  params = load_inception_params()                       # <user cache>/inception_fid.npz
   feature_fn = make_feature_fn(params, mesh)             # uint8 NHWC -> [N, 2048] float32
   real = load_or_compute_reference_stats(
       reference_stats_path(data_dir, dataset=name, resolution=R),
@@ -11,23 +11,27 @@ Typical use (see docs/EVALUATION.md)::
   for images, mask in samples: fake.append(feature_fn(images), mask)
   fake = fake.all_gather_merge()
   fid_from_feature_stats(real, fake); kid(real.features, fake.features); precision_recall(...)
+
+or, for a generator, ``Evaluator`` (what ``--mode=eval`` and the in-training eval use). The public names
+are re-exported lazily (PEP 562): importing one submodule does not import the others.
 """
 from __future__ import annotations
 
-from patch_diffusion.evaluation.inception import (FEATURE_DIM, FEATURE_NET_ID, InceptionV3, host_local_rows,
-                                                  make_feature_fn, preprocess, resize_bilinear_nv)
-from patch_diffusion.evaluation.inception_weights import (FETCH_COMMAND, InceptionWeightsNotFoundError,
-                                                          default_cache_path, load_inception_params,
-                                                          read_source, save_npz)
-from patch_diffusion.evaluation.metrics import (FeatureStats, fid_from_feature_stats, fid_from_stats, kid,
-                                                knn_radii, precision_recall)
-from patch_diffusion.evaluation.reference import (compute_reference_stats, load_or_compute_reference_stats,
-                                                  reference_stats_path)
+from patch_diffusion import lazy
 
-__all__ = [
-    "FEATURE_DIM", "FEATURE_NET_ID", "FETCH_COMMAND", "FeatureStats", "InceptionV3",
-    "InceptionWeightsNotFoundError", "compute_reference_stats", "default_cache_path",
-    "fid_from_feature_stats", "fid_from_stats", "host_local_rows", "kid", "knn_radii",
-    "load_inception_params", "load_or_compute_reference_stats", "make_feature_fn", "precision_recall",
-    "preprocess", "read_source", "reference_stats_path", "resize_bilinear_nv", "save_npz",
-]
+_EXPORTS = {
+    **dict.fromkeys(["FEATURE_DIM", "FEATURE_NET_ID", "InceptionV3", "host_local_rows", "make_feature_fn",
+                     "preprocess", "resize_bilinear_nv"], "inception"),
+    **dict.fromkeys(["FETCH_COMMAND", "InceptionWeightsNotFoundError", "default_cache_path",
+                     "load_inception_params", "read_source", "save_npz"], "inception_weights"),
+    **dict.fromkeys(["FeatureStats", "fid_from_feature_stats", "fid_from_stats", "kid", "knn_radii",
+                     "precision_recall"], "fid"),
+    **dict.fromkeys(["Evaluator", "ReferenceData"], "evaluator"),
+    **dict.fromkeys(["compute_reference_stats", "load_or_compute_reference_stats", "reference_stats_path"],
+                    "reference"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy.exports(__name__, _EXPORTS, globals())

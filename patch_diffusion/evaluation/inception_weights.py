@@ -8,7 +8,7 @@ Two sources hold the same TF ``inception-2015-12-05`` weights in PyTorch formats
 * pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, a ``torch.save`` state dict (zip format, or the
   legacy pre-1.6 stream format).
 
-Both are read by :func:`patch_diffusion.tools.torch_formats.load_torch_file` (restricted unpickling, no
+Both are read by :func:`patch_diffusion.interop.torch_formats.load_torch_file` (restricted unpickling, no
 torch, no code from the file runs; TorchScript classes as plain attribute holders). This module maps the
 result to the :class:`~.inception.InceptionV3` tree (kernels OIHW -> HWIO) and checks it against the
 model's parameter shapes.
@@ -31,9 +31,10 @@ from typing import Any, Union
 
 import numpy as np
 
+from patch_diffusion import fileio
 from patch_diffusion import user_cache
 from patch_diffusion.evaluation import inception
-from patch_diffusion.tools import torch_formats
+from patch_diffusion.interop import torch_formats
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,6 +61,18 @@ def default_cache_path() -> pathlib.Path:
   """``$PATCH_DIFFUSION_INCEPTION`` if set, else ``<user cache>/inception_fid.npz``."""
   env = os.environ.get(ENV_VAR)
   return pathlib.Path(env).expanduser() if env else user_cache.cache_dir() / CACHE_NAME
+
+
+def resolve_path(given: str = "") -> pathlib.Path:
+  """The weights file ``given`` names (``config.eval.inception_path``), else the default cache; checked.
+
+  Raises:
+    InceptionWeightsNotFoundError: the file is missing; the message holds the command that fetches it.
+  """
+  path = pathlib.Path(given).expanduser() if given else default_cache_path()
+  if not path.exists():
+    raise InceptionWeightsNotFoundError(missing_weights_message(path))
+  return path
 
 
 def cached_wheel_path() -> pathlib.Path:
@@ -261,13 +274,11 @@ def save_npz(path: PathLike, params: dict, meta: dict) -> pathlib.Path:
   from flax import traverse_util
 
   path = pathlib.Path(path).expanduser()
-  path.parent.mkdir(parents=True, exist_ok=True)
   flat = {f"params/{k}": np.asarray(v, np.float32)
           for k, v in traverse_util.flatten_dict(params, sep="/").items()}
-  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  with open(tmp, "wb") as f:
-    np.savez(f, meta=np.array(json.dumps(meta, sort_keys=True)), **flat)
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  np.savez(buf, meta=np.array(json.dumps(meta, sort_keys=True)), **flat)
+  fileio.write_bytes(path, buf.getvalue())
   return path
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import numpy as np
 
 from patch_diffusion.evaluation import inception
-from patch_diffusion.evaluation.metrics import FeatureStats
+from patch_diffusion.evaluation.fid import FeatureStats
 
 PathLike = Union[str, os.PathLike]
 FeatureFn = Callable[[np.ndarray], Any]

@@ -84,7 +84,14 @@ SONG_ONLY = ("embedding_type", "channel_mult_noise", "encoder_type", "decoder_ty
 
 _SEQUENCE_FIELDS = ("channel_mult", "attn_resolutions", "resample_filter")
 
+#: ``config.model.dtype`` -> compute dtype (parameters always stay float32).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+COMPUTE_DTYPES = tuple(DTYPES)
+
+
+def archs() -> tuple[str, ...]:
+  """Every value ``config.model.arch`` accepts."""
+  return tuple(sorted(set(ARCH_PRESETS) | set(MULTISTAGE_ARCHS)))
 
 
 def _norm(name: str, value: Any) -> Any:

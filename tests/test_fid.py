@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from patch_diffusion.evaluation import metrics
-from patch_diffusion.evaluation.metrics import FeatureStats
+from patch_diffusion.evaluation import fid
+from patch_diffusion.evaluation.fid import FeatureStats
 
 
 def _gaussian_fid_closed_form(mu1, a, mu2, b):
@@ -22,13 +22,13 @@ def test_fid_two_gaussians_closed_form():
   a, b = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
   want = _gaussian_fid_closed_form(mu1, a, mu2, b)
   # Diagonal covariances, then the same spectra in a random rotated basis (full matrices for sqrtm).
-  assert metrics.fid_from_stats(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-10)
+  assert fid.fid_from_stats(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(want, rel=1e-10)
   q = scipy.stats.ortho_group.rvs(d, random_state=1)
   s1, s2 = q @ np.diag(a) @ q.T, q @ np.diag(b) @ q.T
-  assert metrics.fid_from_stats(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-8)
+  assert fid.fid_from_stats(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-8)
   # Symmetric in its two arguments, and a plain mean shift adds exactly ‖Δμ‖².
-  assert metrics.fid_from_stats(mu2, s2, mu1, s1) == pytest.approx(want, rel=1e-8)
-  assert metrics.fid_from_stats(mu1, s1, mu1 + 2.0, s1) == pytest.approx(4.0 * d, abs=1e-6)
+  assert fid.fid_from_stats(mu2, s2, mu1, s1) == pytest.approx(want, rel=1e-8)
+  assert fid.fid_from_stats(mu1, s1, mu1 + 2.0, s1) == pytest.approx(4.0 * d, abs=1e-6)
 
 
 def test_fid_of_identical_stats_is_zero():
@@ -36,13 +36,13 @@ def test_fid_of_identical_stats_is_zero():
   feats = rng.gamma(2.0, 0.3, size=(600, 48))  # positive, skewed: like post-ReLU features
   s = FeatureStats(48)
   s.append(feats)
-  assert metrics.fid_from_feature_stats(s, s) == pytest.approx(0.0, abs=1e-8)
+  assert fid.fid_from_feature_stats(s, s) == pytest.approx(0.0, abs=1e-8)
   # Fewer samples than dimensions: Σ is singular, the eps fallback / real part keep it finite and ~0.
   small = FeatureStats(48)
   small.append(feats[:20])
   mu, sigma = small.mean_cov()
   assert np.linalg.matrix_rank(sigma) < 48
-  assert abs(metrics.fid_from_stats(mu, sigma, mu, sigma)) < 1e-3 * np.trace(sigma)
+  assert abs(fid.fid_from_stats(mu, sigma, mu, sigma)) < 1e-3 * np.trace(sigma)
 
 
 def test_fid_from_samples_estimates_the_population_value():
@@ -56,7 +56,7 @@ def test_fid_from_samples_estimates_the_population_value():
   sx.append(x)
   sy.append(y)
   want = _gaussian_fid_closed_form(mu1, a, mu2, b)
-  assert metrics.fid_from_feature_stats(sx, sy) == pytest.approx(want, rel=0.02)
+  assert fid.fid_from_feature_stats(sx, sy) == pytest.approx(want, rel=0.02)
 
 
 def test_streaming_stats_equal_batch_stats_with_mask_and_merge():
@@ -136,7 +136,7 @@ def test_kid_equals_unbiased_mmd_on_full_sets():
   rng = np.random.default_rng(7)
   real, fake = rng.normal(size=(30, 6)), rng.normal(0.7, 1.3, size=(30, 6))
   # One subset of the full size is a permutation of each set: KID is then the U-statistic itself.
-  got = metrics.kid(real, fake, num_subsets=1, max_subset_size=1000, seed=0)
+  got = fid.kid(real, fake, num_subsets=1, max_subset_size=1000, seed=0)
   assert got == pytest.approx(_mmd2_unbiased_bruteforce(fake, real), rel=1e-10)
 
 
@@ -145,12 +145,12 @@ def test_kid_identical_near_zero_different_positive():
   real = rng.gamma(2.0, 0.3, size=(2000, 64))
   same = rng.gamma(2.0, 0.3, size=(2000, 64))
   other = rng.gamma(2.0, 0.4, size=(2000, 64))
-  k_id = metrics.kid(real, real, num_subsets=20, max_subset_size=500, seed=1)
-  k_same = metrics.kid(real, same, num_subsets=20, max_subset_size=500, seed=1)
-  k_diff = metrics.kid(real, other, num_subsets=20, max_subset_size=500, seed=1)
+  k_id = fid.kid(real, real, num_subsets=20, max_subset_size=500, seed=1)
+  k_same = fid.kid(real, same, num_subsets=20, max_subset_size=500, seed=1)
+  k_diff = fid.kid(real, other, num_subsets=20, max_subset_size=500, seed=1)
   assert abs(k_id) < 1e-2 * k_diff and abs(k_same) < 1e-2 * k_diff
   assert k_diff > 0.05
-  assert metrics.kid(real, other, num_subsets=20, max_subset_size=500, seed=1) == k_diff  # deterministic
+  assert fid.kid(real, other, num_subsets=20, max_subset_size=500, seed=1) == k_diff  # deterministic
 
 
 # ---- precision / recall -------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_precision_recall_matches_bruteforce_with_small_batches():
   rng = np.random.default_rng(9)
   real = rng.normal(size=(120, 5)).astype(np.float32)
   fake = rng.normal(0.8, 1.5, size=(90, 5)).astype(np.float32)
-  p, r = metrics.precision_recall(real, fake, k=3, row_batch=7)
+  p, r = fid.precision_recall(real, fake, k=3, row_batch=7)
   bp, br = _pr_bruteforce(real.astype(np.float64), fake.astype(np.float64), 3)
   assert (p, r) == pytest.approx((bp, br), abs=1.5 / 90)  # at most one borderline point may flip
   assert 0.0 < p < 1.0 and 0.0 < r < 1.0
@@ -181,12 +181,12 @@ def test_precision_recall_matches_bruteforce_with_small_batches():
 def test_precision_recall_sanity():
   rng = np.random.default_rng(10)
   real = rng.normal(size=(200, 16)).astype(np.float32)
-  assert metrics.precision_recall(real, real.copy(), k=3) == (1.0, 1.0)
+  assert fid.precision_recall(real, real.copy(), k=3) == (1.0, 1.0)
   far = real + 100.0
-  assert metrics.precision_recall(real, far, k=3) == (0.0, 0.0)
+  assert fid.precision_recall(real, far, k=3) == (0.0, 0.0)
   # Half the fakes copy real points, half are far away: exactly half of them lie on the real manifold.
   fake = np.concatenate([real[:100], far[:100]])
-  p, r = metrics.precision_recall(real, fake, k=3, row_batch=33)
+  p, r = fid.precision_recall(real, fake, k=3, row_batch=33)
   assert p == 0.5
   assert 0.0 < r < 1.0
-  np.testing.assert_allclose(metrics.knn_radii(real, 3, row_batch=17), metrics.knn_radii(real, 3), rtol=1e-6)
+  np.testing.assert_allclose(fid.knn_radii(real, 3, row_batch=17), fid.knn_radii(real, 3), rtol=1e-6)

@@ -1,4 +1,5 @@
-"""--mode=eval and in-training eval end to end (patch_diffusion/evaluation/run_eval.py), 8 fake CPU devices.
+"""--mode=eval (evaluate.py) and in-training eval (hooks.EvalHook) through evaluation.Evaluator, end to end
+on 8 fake CPU devices.
 
 One module-scoped run trains the tiny digits network for 2 steps with an end-of-training eval; the tests
 then evaluate its checkpoint. The Inception network on CPU costs ~0.2 s per image, so the counts are
@@ -13,12 +14,13 @@ import numpy as np
 import pytest
 
 from configs import tiny_test
+from patch_diffusion import experiment
 from patch_diffusion import sampling
 from patch_diffusion import train
 from patch_diffusion.data import patches
 from patch_diffusion.evaluation import inception_weights
-from patch_diffusion.evaluation import metrics as fid_metrics
-from patch_diffusion.evaluation import run_eval
+from patch_diffusion import evaluate
+from patch_diffusion.evaluation import fid as fid_metrics
 from helpers import read_jsonl
 
 NUM_SAMPLES = 20
@@ -54,10 +56,10 @@ def trained(tmp_path_factory):
   c = eval_config(root / "data")
   workdir = str(root / "work")
   train.train_and_evaluate(c, workdir)
-  ref_path = run_eval.reference_spec(c).path
+  ref_path = experiment.reference_data(experiment.build_experiment(c)).path
   assert ref_path.exists(), "the in-training eval did not write the reference statistics"
   mtime = os.stat(ref_path).st_mtime_ns
-  record = run_eval.evaluate(c, workdir)  # --mode=eval on the final checkpoint
+  record = evaluate.evaluate(c, workdir)  # --mode=eval on the final checkpoint
   return c, workdir, ref_path, mtime, record
 
 
@@ -105,12 +107,13 @@ def test_on_device_features_equal_host_side_embedding(trained):
   recorded KID / precision / recall are those of these features. (FID is not recomputed here: its
   2048x2048 matrix square root costs tens of seconds on this CPU.)"""
   c, workdir, ref_path, _, record = trained
-  exp, variables, _ = train.load_ema_variables(c, workdir)
-  fake = run_eval.generated_stats(exp, variables, num_samples=NUM_SAMPLES, seed=c.seed + 2)
+  exp, variables, _ = experiment.load_ema_variables(c, workdir)
+  evaluator = experiment.make_evaluator(exp)
+  fake = evaluator.generated_stats(variables, num_samples=NUM_SAMPLES, seed=c.seed + 2)
   assert fake.num_items == NUM_SAMPLES
   images, _ = sampling.generate_images(exp.generate_fn(BATCH), variables, num_images=NUM_SAMPLES,
                                        batch_size=BATCH, seed=c.seed + 2)
-  feature_fn = run_eval.feature_fn_for(exp)
+  feature_fn = evaluator.feature_fn
   host = np.concatenate([feature_fn(images[i:i + BATCH]) for i in range(0, NUM_SAMPLES, BATCH)])
   np.testing.assert_allclose(fake.features, host, rtol=0, atol=1e-4)
   mu, sigma = fake.mean_cov()
@@ -126,18 +129,20 @@ def test_missing_inception_weights_fail_before_anything_runs(tmp_path):
   bad = eval_config(tmp_path / "data", inception_path=str(missing))
   # No checkpoint in this workdir: checking the weights first gives their error, not the checkpoint's.
   with pytest.raises(inception_weights.InceptionWeightsNotFoundError) as e:
-    run_eval.evaluate(bad, str(tmp_path / "empty"))
+    evaluate.evaluate(bad, str(tmp_path / "empty"))
   assert str(missing) in str(e.value) and "fetch_inception" in str(e.value)
   assert not (tmp_path / "empty" / "eval").exists()
-  # In-training eval: generating with variables=None would raise a different error, so the weights
-  # check comes first.
-  exp = train.build_experiment(bad)
+  # In-training eval: the evaluator (built before training starts) checks the weights at construction.
+  exp = experiment.build_experiment(bad)
   with pytest.raises(inception_weights.InceptionWeightsNotFoundError):
-    run_eval.evaluate_variables(exp, None, num_samples=NUM_SAMPLES, seed=0)
+    experiment.make_evaluator(exp)
+  with pytest.raises(inception_weights.InceptionWeightsNotFoundError):
+    train.train_and_evaluate(bad, str(tmp_path / "never"))
+  assert not (tmp_path / "never").exists()
 
 
 def test_latent_runs_are_refused_with_a_reason(tmp_path):
   c = eval_config(tmp_path / "data")
   c.patch.latent = True
   with pytest.raises(ValueError, match="VAE"):
-    run_eval.evaluate(c, str(tmp_path / "work"))
+    evaluate.evaluate(c, str(tmp_path / "work"))

@@ -14,12 +14,15 @@ Definitions follow the reference implementations that the paper's numbers come f
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
 from typing import Any, Optional, Union
 
 import numpy as np
+
+from patch_diffusion import fileio
 import scipy.linalg
 
 PathLike = Union[str, os.PathLike]
@@ -166,11 +169,9 @@ class FeatureStats:
     if self.capture_features:
       arrays["features"] = self.features
     path = pathlib.Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    fileio.write_bytes(path, buf.getvalue())
     return path
 
   @classmethod
