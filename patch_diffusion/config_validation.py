@@ -26,15 +26,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _positive(d.max_examples, "data.max_examples", allow_zero=True)
   if not 0.0 <= p.real_p <= 1.0:
     raise ValueError(f"patch.real_p = {p.real_p} must lie in [0, 1] (probability of a full-size step)")
-  divisor = 2 if p.latent else 4
-  if d.resolution % divisor:
-    raise ValueError(f"data.resolution = {d.resolution}: the patch sizes R/{divisor}, R/2 must divide R "
-                     f"exactly; use a resolution divisible by {divisor}")
   levels = len(m.channel_mult)
-  smallest = d.resolution // divisor if p.schedule != "full" else d.resolution
-  if smallest % (2 ** (levels - 1)):
-    raise ValueError(f"the smallest patch ({smallest} px) must be divisible by 2^(len(model.channel_mult)-1)"
-                     f" = {2 ** (levels - 1)} for the U-Net's downsampling; use fewer levels or a larger R")
+  if p.schedule != "multigrid":  # multigrid picks its own sizes among those that fit (checked below)
+    divisor = 2 if p.latent else 4
+    if d.resolution % divisor:
+      raise ValueError(f"data.resolution = {d.resolution}: the patch sizes R/{divisor}, R/2 must divide R "
+                       f"exactly; use a resolution divisible by {divisor}")
+    smallest = d.resolution // divisor if p.schedule != "full" else d.resolution
+    if smallest % (2 ** (levels - 1)):
+      raise ValueError(f"the smallest patch ({smallest} px) must be divisible by 2^(len(model.channel_mult)-1)"
+                       f" = {2 ** (levels - 1)} for the U-Net's downsampling; use fewer levels or a larger R")
+  _validate_schedule(config)
+  _validate_augment(config)
+  accum = t.get("grad_accum_steps", 1)
+  if not (isinstance(accum, int) and accum >= 1):
+    raise ValueError(f"train.grad_accum_steps = {accum!r} must be an integer >= 1 (1 = no accumulation)")
+  if isinstance(t.batch_size, int) and t.batch_size > 0 and t.batch_size % accum:
+    raise ValueError(f"train.grad_accum_steps = {accum} must divide train.batch_size = {t.batch_size} (every "
+                     f"step's batch, batch_size x the patch size's multiplier, is split into equal "
+                     f"micro-batches); pick a divisor of {t.batch_size}")
   if m.arch not in ARCHS:
     raise ValueError(f"model.arch = {m.arch!r}; expected one of {ARCHS}")
   if m.dtype not in DTYPES:
@@ -75,3 +85,38 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if v.every_kimg > 0 and not v.train_num_samples >= 2:
     raise ValueError(f"eval.train_num_samples = {v.train_num_samples!r}: in-training FID needs at least 2 "
                      f"images (or set eval.every_kimg=0)")
+
+
+def _validate_schedule(config: ml_collections.ConfigDict) -> None:
+  """The multigrid fields, and every schedule's sizes against the U-Net depth (``PatchSchedule``)."""
+  # Imported here: config validation stays importable without JAX (patches imports jax for the crop).
+  from patch_diffusion.data import patches  # pylint: disable=g-import-not-at-top
+  p = config.patch
+  cycle = p.get("multigrid_long_cycle", (0.25, 0.5, 1.0))
+  if not isinstance(cycle, (tuple, list)) or not all(isinstance(f, (int, float)) for f in cycle):
+    raise ValueError(f"patch.multigrid_long_cycle = {cycle!r} must be a tuple of spatial factors in (0, 1], "
+                     f"e.g. (0.25, 0.5, 1.0)")
+  fraction = p.get("multigrid_final_fraction", 0.2)
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"patch.multigrid_final_fraction = {fraction!r} must lie in [0, 1) (share of the counted "
+                     f"images in the final full-size phase)")
+  scaling = p.get("multigrid_lr_scaling", "linear")
+  if scaling not in patches.MULTIGRID_LR_SCALINGS:
+    raise ValueError(f"patch.multigrid_lr_scaling = {scaling!r}; expected one of {patches.MULTIGRID_LR_SCALINGS}")
+  patches.PatchSchedule.from_config(config)  # raises with the field to change
+
+
+def _validate_augment(config: ml_collections.ConfigDict) -> None:
+  """``data.augment_p`` / ``augment_before_crop`` against the network's augmentation-label input."""
+  d, m = config.data, config.model
+  aug = d.get("augment_p", 0.0)
+  if aug is None or not 0.0 <= aug <= 1.0:
+    raise ValueError(f"data.augment_p = {aug!r} must lie in [0, 1] (EDM's --augment probability; 0 = off)")
+  if aug > 0:
+    from patch_diffusion.data import augment  # pylint: disable=g-import-not-at-top
+    dim = augment.edm_augment_pipe(aug).label_dim
+    if m.augment_dim != dim:
+      raise ValueError(f"data.augment_p = {aug} conditions the network on {dim} augmentation labels: set "
+                       f"model.augment_dim = {dim} (it is {m.augment_dim}), or data.augment_p = 0")
+  if m.augment_dim < 0:
+    raise ValueError(f"model.augment_dim = {m.augment_dim} must be >= 0")
