@@ -27,12 +27,13 @@ import jax.numpy as jnp  # noqa: E402
 from patch_diffusion import checkpointing  # noqa: E402
 from patch_diffusion import parallel  # noqa: E402
 from patch_diffusion import state as state_lib  # noqa: E402
+from patch_diffusion import experiment  # noqa: E402
 from patch_diffusion import train  # noqa: E402
 from patch_diffusion.tools import cli  # noqa: E402
 
 
 def run(config, repeats: int, folder: str) -> dict:
-  exp = train.build_experiment(config, check_data=False)
+  exp = experiment.build_experiment(config, check_data=False)
   state = state_lib.create_train_state(exp.init_variables(jax.random.key(0)), exp.tx)
   # A trained state's EMA and Adam moments differ from the parameters and are not zero: fill every float
   # array with noise so the files are as large and incompressible as a real run's.

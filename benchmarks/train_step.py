@@ -22,13 +22,14 @@ import numpy as np  # noqa: E402
 
 from patch_diffusion import parallel  # noqa: E402
 from patch_diffusion import state as state_lib  # noqa: E402
+from patch_diffusion import experiment  # noqa: E402
 from patch_diffusion import train  # noqa: E402
 from patch_diffusion.tools import cli  # noqa: E402
 
 
 def run(config, steps: int) -> dict:
   jax.config.update("jax_threefry_partitionable", True)
-  exp = train.build_experiment(config, check_data=False)
+  exp = experiment.build_experiment(config, check_data=False)
   state = jax.device_put(state_lib.create_train_state(exp.init_variables(jax.random.key(0)), exp.tx),
                          parallel.replicated(exp.mesh))
   sched = exp.schedule
@@ -39,7 +40,7 @@ def run(config, steps: int) -> dict:
   for size, mul, prob in zip(sched.sizes, sched.batch_muls, sched.probabilities):
     n = local_batch * mul
     t0 = time.perf_counter()
-    one = train.compile_steps(_only(exp, size), state, key, local_batch)[size]
+    one = train.compile_steps(exp, state, key, local_batch, variants=[(size, mul)])[(size, mul)]
     compile_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     batch = parallel.global_batch({
@@ -56,7 +57,8 @@ def run(config, steps: int) -> dict:
     state = holder["state"]
     # FLOPs of the lowered (pre-optimisation) HLO: backend independent. The compiled executable's count
     # misses convolutions that GPUs run as cuDNN custom calls.
-    lowered = train.compile_steps(_only(exp, size), state, key, local_batch, lower_only=True)[size]
+    lowered = train.compile_steps(exp, state, key, local_batch, lower_only=True,
+                                  variants=[(size, mul)])[(size, mul)]
     cost = lowered.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -74,20 +76,6 @@ def run(config, steps: int) -> dict:
           "counted_kimg_per_s_mixed": images_per_step / mean_step_ms,
           "counted_kimg_per_s_full_only": config.train.batch_size / full,
           "speedup_per_counted_image_vs_full": (images_per_step / mean_step_ms) / (config.train.batch_size / full)}
-
-
-def _only(exp, size):
-  """A copy of the experiment whose schedule compiles just ``size``."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  from patch_diffusion.data import patches  # pylint: disable=g-import-not-at-top
-
-  class _One(patches.PatchSchedule):
-    @property
-    def probabilities(self):
-      return tuple(1.0 if s == size else 0.0 for s in self.sizes)
-  sched = _One(exp.schedule.resolution, exp.schedule.schedule, exp.schedule.real_p, exp.schedule.latent,
-               exp.schedule.seed)
-  return dataclasses.replace(exp, schedule=sched)
 
 
 def _main(argv=None) -> int:

@@ -19,6 +19,15 @@ def get_config() -> ml_collections.ConfigDict:
   d.resolution = 32           # R: full training resolution (square)
   d.num_channels = 3          # C: image channels fed to the network (digits are replicated to 3)
   d.xflip = False             # random horizontal flip of the full image
+  # EDM's augmentation pipe (patch_diffusion/data/augment.py) with EDM's --augment preset: x-flip always
+  # a 50/50 coin (EDM's xflip=1e8), y-flip, isotropic scale, rotation, anisotropic scale and fractional
+  # translation each with this probability; the 9 augmentation labels condition the network, so
+  # model.augment_dim must be 9 when > 0. EDM's FFHQ/AFHQv2-64 commands use 0.15; 0 = off (CelebA).
+  d.augment_p = 0.0
+  # False (the official Patch Diffusion order): augment the cropped patch, coordinate channels untouched
+  # (they keep the patch's location in the un-augmented image). True: augment the full image, then crop,
+  # so the coordinates describe the augmented image.
+  d.augment_before_crop = False
   d.max_examples = 0          # >0: train on the first N images only (data-efficiency setting)
   d.use_labels = False        # condition on class labels (one-hot)
   d.num_classes = 0           # filled from the dataset when use_labels; read from converted networks
@@ -65,13 +74,26 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---- patches ----------------------------------------------------------------------------------
   c.patch = p = ml_collections.ConfigDict()
-  p.schedule = "stochastic"   # stochastic | progressive | full
+  p.schedule = "stochastic"   # stochastic | progressive | full | multigrid
   p.real_p = 0.5              # probability of a full-size step (stochastic schedule)
   p.latent = False            # latent-space size set {R/2, R} instead of {R/4, R/2, R}
+  # schedule='multigrid' (Wu et al. CVPR 2020; PatchSchedule docstring in patch_diffusion/data/patches.py):
+  # one long cycle over patch sides R·S (rounded to sizes that divide R and are multiples of
+  # 2^(len(model.channel_mult)-1)), batch x (R/s)^2 so patches x pixels per step stay constant, equal
+  # steps per stage, then a full-size phase.
+  p.multigrid_long_cycle = (0.25, 0.5, 1.0)  # spatial factors S of the long-cycle stages, coarse to fine
+  p.multigrid_short_cycle = False   # inside each stage, cycle s_base x [1/2, sqrt(1/2), 1] step by step
+  p.multigrid_final_fraction = 0.2  # share of the counted images in the final full-size phase, [0, 1)
+  p.multigrid_lr_scaling = "linear"  # LR x long-cycle batch factor (R/s)^2: linear (paper) | sqrt | none
 
   # ---- optimisation -------------------------------------------------------------------------------
   c.train = t = ml_collections.ConfigDict()
   t.batch_size = 256          # global images per full-size step (smaller patches draw batch_mul x more)
+  # Gradient accumulation (the official --batch-gpu): each step runs its batch (batch_size x batch_mul
+  # images) as this many equal micro-batches in a loop and takes one optimizer step on the summed
+  # gradient — the same update as one large step, with the activation memory of one micro-batch. Must
+  # divide batch_size (and, for even micro-batches per device, batch_size / data-parallel devices).
+  t.grad_accum_steps = 1
   t.total_kimg = 200_000.0    # training length in counted kimg (float: fractions allowed)
   t.lr = 2e-4
   t.lr_rampup_kimg = 10_000.0

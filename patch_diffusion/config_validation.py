@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
+from patch_diffusion.data import augment as augment_lib
 from patch_diffusion.data import patches
 from patch_diffusion.edm import precond as precond_lib
 from patch_diffusion.edm import sampler as sampler_lib
@@ -98,16 +99,48 @@ def _validate_model(config) -> None:
   except ValueError as e:
     raise ConfigError("model", m.arch, str(e)) from e
   p, d = config.patch, config.data
-  divisor = 2 if p.latent else 4
-  if d.resolution % divisor:
-    raise ConfigError("data.resolution", d.resolution, f"the patch sizes R/{divisor} and R/2 must divide R "
-                      f"exactly; use a resolution divisible by {divisor}")
   levels = len(registry.resolve_model_kwargs(m)[1]["channel_mult"])
-  smallest = d.resolution // divisor if p.schedule != "full" else d.resolution
-  if smallest % (2 ** (levels - 1)):
-    raise ConfigError("model.channel_mult", tuple(m.channel_mult),
-                      f"the smallest patch ({smallest} px) must be divisible by 2^(levels-1) = "
-                      f"{2 ** (levels - 1)} for the U-Net's downsampling; use fewer levels or a larger R")
+  if p.schedule != "multigrid":  # multigrid picks its own sizes among those that fit (checked below)
+    divisor = 2 if p.latent else 4
+    if d.resolution % divisor:
+      raise ConfigError("data.resolution", d.resolution, f"the patch sizes R/{divisor} and R/2 must divide R "
+                        f"exactly; use a resolution divisible by {divisor}")
+    smallest = d.resolution // divisor if p.schedule != "full" else d.resolution
+    if smallest % (2 ** (levels - 1)):
+      raise ConfigError("model.channel_mult", tuple(m.channel_mult),
+                        f"the smallest patch ({smallest} px) must be divisible by 2^(levels-1) = "
+                        f"{2 ** (levels - 1)} for the U-Net's downsampling; use fewer levels or a larger R")
+  _number(config, "model.augment_dim", allow_low=True, integer=True)
+
+
+def _validate_schedule(config) -> None:
+  """The multigrid fields, and every schedule's sizes against the U-Net depth (``PatchSchedule``)."""
+  p = config.patch
+  cycle = p.multigrid_long_cycle
+  if not isinstance(cycle, (tuple, list)) or not cycle or not all(
+      isinstance(f, (int, float)) and 0 < f <= 1 for f in cycle):
+    raise ConfigError("patch.multigrid_long_cycle", cycle, "must be a tuple of spatial factors in (0, 1], "
+                      "e.g. (0.25, 0.5, 1.0)")
+  _number(config, "patch.multigrid_final_fraction", allow_low=True, high=1.0)
+  _choice(config, "patch.multigrid_lr_scaling", patches.MULTIGRID_LR_SCALINGS)
+  try:
+    patches.PatchSchedule.from_config(config)
+  except ValueError as e:
+    raise ConfigError("patch.schedule", p.schedule, str(e)) from e
+
+
+def _validate_augment(config) -> None:
+  """``data.augment_p`` / ``augment_before_crop`` against the network's augmentation-label input."""
+  d, m = config.data, config.model
+  _number(config, "data.augment_p", allow_low=True, high=1.0, allow_high=True)
+  if not isinstance(d.augment_before_crop, bool):
+    raise ConfigError("data.augment_before_crop", d.augment_before_crop, "must be True or False")
+  if d.augment_p > 0:
+    dim = augment_lib.edm_augment_pipe(d.augment_p).label_dim
+    if m.augment_dim != dim:
+      raise ConfigError("model.augment_dim", m.augment_dim, f"data.augment_p = {d.augment_p} conditions the "
+                        f"network on {dim} augmentation labels: set model.augment_dim = {dim}, or "
+                        f"data.augment_p = 0")
 
 
 def data_axis_size(mesh_shape, mesh_axes, num_devices: int) -> int:
@@ -134,6 +167,12 @@ def _validate_train(config, num_data_devices: Optional[int], num_processes: Opti
   _number(config, "train.adam_b1", allow_low=True, high=1.0)
   _number(config, "train.adam_b2", allow_low=True, high=1.0)
   _number(config, "train.adam_eps", high=math.inf)
+  _number(config, "train.grad_accum_steps", integer=True)
+  if t.batch_size % t.grad_accum_steps:
+    raise ConfigError("train.grad_accum_steps", t.grad_accum_steps,
+                      f"must divide train.batch_size = {t.batch_size} (every step's batch, batch_size x the "
+                      f"patch size's multiplier, is split into equal micro-batches); pick a divisor of "
+                      f"{t.batch_size}")
   for count, what in ((num_data_devices, "data-parallel devices"), (num_processes, "processes")):
     if count and t.batch_size % count:
       raise ConfigError("train.batch_size", t.batch_size, f"is not divisible by the {count} {what}; use a "
@@ -194,6 +233,8 @@ def validate_config(config, *, num_devices: Optional[int] = None, num_processes:
   _choice(config, "patch.schedule", patches.SCHEDULES)
   _number(config, "patch.real_p", allow_low=True, high=1.0, allow_high=True)
   _validate_model(config)
+  _validate_schedule(config)
+  _validate_augment(config)
   _choice(config, "edm.precond", precond_lib.PRECONDS)
   _number(config, "edm.label_dropout", allow_low=True, high=1.0)
   _number(config, "edm.sigma_data", high=math.inf)

@@ -90,8 +90,7 @@ def build_experiment(config: ml_collections.ConfigDict, *, check_data: bool = Tr
                                 description="(not loaded)")
   model = models.create_model(config.model, img_resolution=config.data.resolution,
                               img_channels=config.data.num_channels, label_dim=info.num_classes)
-  schedule = patches_lib.PatchSchedule(config.data.resolution, config.patch.schedule, config.patch.real_p,
-                                       config.patch.latent, config.seed)
+  schedule = patches_lib.PatchSchedule.from_config(config)
   precond = precond_lib.get_precond(config.edm.precond, config.edm.sigma_data)
   noise = loss_lib.get_noise_distribution(config.edm.precond, P_mean=config.edm.P_mean,
                                           P_std=config.edm.P_std, sigma_data=config.edm.sigma_data)

@@ -46,7 +46,8 @@ class Run:
     step: steps taken; nimg: counted images so far (host float64); total_nimg: the training length.
     resumed_from: checkpoint step the run resumed from (None for a fresh run).
     step_key: the run's base PRNG key for steps.
-    size, local, metrics: of the step just taken: patch size, this host's batch (host arrays, incl.
+    plan, size, local, metrics: of the step just taken: its ``patches.StepPlan``, patch size, this host's
+      batch (host arrays, incl.
       'index' when a hook asked for example indices), device metrics (not fetched).
     host_seconds: host time of the step outside compiled code: input, host-to-device, dispatch.
     stop_reason: set by a hook to end the loop after this step (e.g. 'SIGTERM').
@@ -63,6 +64,7 @@ class Run:
   total_nimg: float
   resumed_from: Optional[int]
   step_key: jax.Array
+  plan: Any = None
   size: int = 0
   local: Optional[dict] = None
   metrics: Optional[dict] = None
@@ -156,7 +158,7 @@ class MetricsHook(Hook):
       by_size[size].append(float(m["loss"]))
     losses = [float(m["loss"]) for _, m in self._fetched]
     scalars = {"loss": float(np.mean(losses)), "kimg": run.nimg / 1000,
-               "lr": state_lib.learning_rate(run.nimg, run.config.train),
+               "lr": state_lib.learning_rate(run.nimg, run.config.train, run.plan.lr_scale),
                "grad_norm": float(np.mean([float(m["grad_norm"]) for _, m in self._fetched])),
                "nonfinite_grads": float(sum(float(m["nonfinite_grads"]) for _, m in self._fetched)),
                "images_per_s": dk * 1000 / dt, "patches_per_s": self._patches / dt,

@@ -1,9 +1,11 @@
 """Training state: a small pytree of arrays. The model's apply function and the optimizer stay outside.
 
-The image counter ``nimg`` is *not* a device array: it advances by ``batch · average multiplier`` (a
-fractional number) up to ~2·10⁸, beyond float32's exact range, so the training loop keeps it on the host
-in float64 and saves it in the checkpoint metadata. The learning rate and EMA decay derived from it are
-passed to each step as scalars.
+The image counter ``nimg`` is *not* a device array: it advances by each step's
+``StepPlan.counted_images`` (``patches.PatchSchedule.plan``: batch · average multiplier for the stochastic
+schedule, a fractional number; batch · current multiplier for the progressive and multigrid ones) up to
+~2·10⁸, beyond float32's exact range, so the training loop keeps it on the host in float64 and saves it in
+the checkpoint metadata. The learning rate and EMA decay derived from it are passed to each step as
+scalars.
 """
 from __future__ import annotations
 
@@ -54,10 +56,15 @@ def create_train_state(variables: dict, tx: optax.GradientTransformation) -> Tra
   )
 
 
-def learning_rate(nimg: float, train_config) -> float:
-  """Base LR ramped linearly over the first ``lr_rampup_kimg`` counted kimg, then constant (EDM)."""
+def learning_rate(nimg: float, train_config, lr_scale: float = 1.0) -> float:
+  """Base LR ramped linearly over the first ``lr_rampup_kimg`` counted kimg, then constant (EDM), times
+  ``lr_scale`` (``StepPlan.lr_scale``: the multigrid schedule's batch-factor scaling; 1 otherwise).
+
+  Args:
+    nimg: counted images before this step.
+  """
   rampup = max(train_config.lr_rampup_kimg * 1000, 1e-8)
-  return float(train_config.lr * min(nimg / rampup, 1.0))
+  return float(train_config.lr * min(nimg / rampup, 1.0) * lr_scale)
 
 
 def ema_beta(nimg: float, images_per_step: float, train_config) -> float:
@@ -65,7 +72,8 @@ def ema_beta(nimg: float, images_per_step: float, train_config) -> float:
 
   Args:
     nimg: counted images before this step.
-    images_per_step: batch · average batch multiplier (what the counter advances by).
+    images_per_step: what the counter advances by after this step (``StepPlan.counted_images``), as the
+      official loop's ``batch_size * batch_mul_avg`` (the current multiplier in its progressive mode).
   """
   halflife = train_config.ema_halflife_kimg * 1000
   if train_config.ema_rampup_ratio:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import time
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,47 +27,51 @@ from patch_diffusion import run_lock
 from patch_diffusion import state as state_lib
 from patch_diffusion import steps as steps_lib
 from patch_diffusion import writers
+from patch_diffusion.data import augment as augment_lib
 from patch_diffusion.data import input_pipeline
 
 
 def compile_steps(exp: experiment_lib.Experiment, state: state_lib.TrainState, base_key: jax.Array,
-                  local_batch: int, lower_only: bool = False) -> dict[int, Callable]:
-  """Ahead-of-time compiles one donated, sharded train step per patch size; logs compile times.
+                  local_batch: int, lower_only: bool = False,
+                  variants: Optional[Sequence[tuple[int, int]]] = None) -> dict[tuple[int, int], Callable]:
+  """Ahead-of-time compiles one donated, sharded train step per (patch size, batch multiplier) the
+  schedule can plan (``PatchSchedule.variants``, or the given ``variants``); logs compile times.
 
   Tracing and lowering run in turn (they hold the GIL); the XLA compilations run in parallel threads.
-  Sizes the schedule never draws (e.g. real_p = 1) are skipped. ``lower_only`` returns the lowered (not
-  yet compiled) computations, e.g. for backend-independent FLOP counts.
+  ``lower_only`` returns the lowered (not yet compiled) computations, e.g. for backend-independent FLOP
+  counts. Keys are ``(patch_size, batch_mul)``.
   """
-  mesh = exp.mesh
+  mesh, cfg = exp.mesh, exp.config
   rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   state_sharding = jax.tree.map(lambda _: rep, state)
   r, c = exp.resolution, exp.channels
+  augment = augment_lib.from_config(cfg.data)
   lowered = {}
-  for size, mul, prob in zip(exp.schedule.sizes, exp.schedule.batch_muls, exp.schedule.probabilities):
-    if prob == 0:
-      continue
+  for size, mul in (exp.schedule.variants() if variants is None else variants):
     step_fn = steps_lib.make_train_step(
         exp.model.apply, exp.tx, exp.precond, exp.noise_dist,
         steps_lib.StepConfig(patch_size=size, resolution=r, num_classes=exp.num_classes,
-                             label_dropout=exp.config.edm.label_dropout, compute_dtype=exp.dtype))
+                             label_dropout=cfg.edm.label_dropout, compute_dtype=exp.dtype, augment=augment,
+                             augment_before_crop=cfg.data.augment_before_crop,
+                             grad_accum_steps=cfg.train.grad_accum_steps))
     n = local_batch * mul * jax.process_count()
     batch = {"image": jax.ShapeDtypeStruct((n, r, r, c), jnp.uint8, sharding=data),
              "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=data)}
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     jitted = jax.jit(step_fn, in_shardings=(state_sharding, data, rep, rep, rep),
                      out_shardings=(state_sharding, rep), donate_argnums=(0,))
-    lowered[size] = (n, jitted.lower(state, batch, scalar, scalar, base_key))
+    lowered[(size, mul)] = (n, jitted.lower(state, batch, scalar, scalar, base_key))
 
   if lower_only:
-    return {size: low for size, (_, low) in lowered.items()}
+    return {key: low for key, (_, low) in lowered.items()}
 
   def compile_one(item):
-    size, (n, low) = item
+    (size, mul), (n, low) = item
     t0 = time.time()
     exe = low.compile()
     logging.info("compiled train step for patch %dx%d (global batch %d): %.1f s", size, size, n,
                  time.time() - t0)
-    return size, exe
+    return (size, mul), exe
 
   t0 = time.time()
   with concurrent.futures.ThreadPoolExecutor(max_workers=len(lowered)) as pool:
@@ -82,26 +86,26 @@ def _next_batch(train_iter, mul: int) -> dict:
   return batches[0] if mul == 1 else {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def _loop(run: hooks_lib.Run, compiled: dict[int, Callable], hooks: Sequence[hooks_lib.Hook]) -> None:
+def _loop(run: hooks_lib.Run, compiled: dict[tuple[int, int], Callable],
+          hooks: Sequence[hooks_lib.Hook]) -> None:
   """Steps until the training length is reached or a hook sets ``run.stop_reason``."""
   sched, tcfg = run.exp.schedule, run.config.train
-  images_per_step = tcfg.batch_size * sched.average_batch_mul
   while run.nimg < run.total_nimg and not run.stop_reason:
-    k = sched.size_index(run.step, progress=run.nimg / run.total_nimg)
-    size, mul = sched.sizes[k], sched.batch_muls[k]
+    plan = sched.plan(run.step, run.nimg, run.total_nimg, tcfg.batch_size)  # identical on every host
     t0 = time.perf_counter()
-    local = _next_batch(run.train_iter, mul)
+    local = _next_batch(run.train_iter, plan.batch_mul)
     t1 = time.perf_counter()
     batch = parallel.global_batch({"image": local["image"], "label": local["label"].astype(np.int32)},
                                   run.exp.mesh)
-    lr = np.float32(state_lib.learning_rate(run.nimg, tcfg))
-    beta = np.float32(state_lib.ema_beta(run.nimg, images_per_step, tcfg))
+    lr = np.float32(state_lib.learning_rate(run.nimg, tcfg, plan.lr_scale))
+    beta = np.float32(state_lib.ema_beta(run.nimg, plan.counted_images, tcfg))
     t2 = time.perf_counter()
-    run.state, run.metrics = compiled[size](run.state, batch, lr, beta, run.step_key)  # async dispatch
+    run.state, run.metrics = compiled[(plan.patch_size, plan.batch_mul)](run.state, batch, lr, beta,
+                                                                         run.step_key)  # async dispatch
     run.host_seconds = {"input": t1 - t0, "h2d": t2 - t1, "dispatch": time.perf_counter() - t2}
-    run.size, run.local = size, local
+    run.plan, run.size, run.local = plan, plan.patch_size, local
     run.step += 1
-    run.nimg += images_per_step
+    run.nimg += plan.counted_images
     for hook in hooks:
       hook.after_step(run)
   for hook in hooks:
@@ -182,11 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       compiled = compile_steps(exp, run.state, run.step_key, config.train.batch_size // jax.process_count())
       parallel.barrier("compiled")  # start the first step together (see parallel.barrier)
       hooks = default_hooks(run, evaluator) + tuple(extra_hooks)
-      sched = exp.schedule
-      logging.info("training to %.0f kimg: batch %d, patch sizes %s with p=%s, avg multiplier %.2f, expected "
-                   "step cost %.2f of a full step", config.train.total_kimg, config.train.batch_size,
-                   sched.sizes, tuple(round(p, 3) for p in sched.probabilities), sched.average_batch_mul,
-                   sched.expected_step_cost)
+      logging.info("training to %.0f kimg, %s", config.train.total_kimg,
+                   exp.schedule.describe(config.train.batch_size, run.total_nimg))
       t_start = time.time()
       with next(h for h in hooks if isinstance(h, hooks_lib.PreemptionHook)):
         _loop(run, compiled, hooks)

@@ -112,7 +112,8 @@ def replay_one_process(c, steps: list[dict], other_steps: list[dict]):
     nimg = s * images_per_step
     lr = np.float32(state_lib.learning_rate(nimg, c.train))
     beta = np.float32(state_lib.ema_beta(nimg, images_per_step, c.train))
-    state, _ = compiled[a["size"]](state, parallel.global_batch(batch, exp.mesh), lr, beta, k_train)
+    mul = dict(zip(exp.schedule.sizes, exp.schedule.batch_muls))[a["size"]]
+    state, _ = compiled[(a["size"], mul)](state, parallel.global_batch(batch, exp.mesh), lr, beta, k_train)
   return jax.device_get(state), exp
 
 

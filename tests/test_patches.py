@@ -73,10 +73,14 @@ def test_same_sizes_in_separate_processes():
 
 
 def test_progressive_and_full():
+  # The official boundary rule: a phase includes its right end (progress <= c_k), c = (1-p)·0.4, (1-p).
   sched = patches.PatchSchedule(64, schedule="progressive")
-  assert [sched.patch_size(0, p) for p in (0.0, 0.19, 0.2, 0.49, 0.5, 1.0)] == [16, 16, 32, 32, 64, 64]
+  assert [sched.patch_size(0, p) for p in (0.0, 0.19, 0.2, 0.21, 0.49, 0.5, 0.51, 1.0)] == [
+      16, 16, 16, 32, 32, 32, 64, 64]
+  quarter = patches.PatchSchedule(64, schedule="progressive", real_p=0.25)  # c = 0.3, 0.75
+  assert [quarter.patch_size(0, p) for p in (0.3, 0.31, 0.75, 0.76)] == [16, 32, 32, 64]
   lat = patches.PatchSchedule(32, schedule="progressive", latent=True)
-  assert [lat.patch_size(0, p) for p in (0.0, 0.49, 0.5)] == [16, 16, 32]
+  assert [lat.patch_size(0, p) for p in (0.0, 0.5, 0.51)] == [16, 16, 32]
   full = patches.PatchSchedule(64, schedule="full")
   assert {full.patch_size(s) for s in range(100)} == {64}
 

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from patch_diffusion.edm import precond as precond_lib
 
-#: ``denoise_fn(x_noisy [N,s,s,C], sigma [N], x_pos [N,s,s,2], labels [N,L] | None) -> D [N,s,s,C]``
+#: ``denoise_fn(x_noisy [N,s,s,C], sigma [N], x_pos [N,s,s,2], labels [N,L] | None) -> D [N,s,s,C]``;
+#: the denoisers of ``precond.make_denoiser`` also take ``augment_labels=[N, augment_dim]``.
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray]], jnp.ndarray]
 
 
@@ -77,8 +78,42 @@ def drop_labels(key: jax.Array, labels: jnp.ndarray, p: float) -> jnp.ndarray:
   return labels * keep.astype(labels.dtype)
 
 
+def sample_noise(key: jax.Array, noise_dist, shape: tuple[int, ...]):
+  """The randomness of the denoising loss for a batch of ``shape`` = [N, s, s, C]: (σ [N], λ(σ) [N],
+  ε [N, s, s, C] ~ N(0, I), float32). Drawn once for a whole step so that gradient accumulation can slice
+  it per micro-batch; :func:`patch_loss` draws exactly these from the same key."""
+  k_sigma, k_noise = jax.random.split(key)
+  sigma, weight = noise_dist.sample(k_sigma, shape[0])
+  return sigma, weight, jax.random.normal(k_noise, shape, jnp.float32)
+
+
+def denoising_loss(denoise_fn: DenoiseFn, patches: jnp.ndarray, x_pos: jnp.ndarray,
+                   labels: Optional[jnp.ndarray], sigma: jnp.ndarray, weight: jnp.ndarray, eps: jnp.ndarray,
+                   augment_labels: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+  """Per-sample loss λ(σ_n) · Σ_{h,w,c} (D(y_n + σ_n ε_n; σ_n) − y_n)² for given σ, λ and ε.
+
+  Args:
+    denoise_fn: the preconditioned denoiser; called with ``augment_labels=`` only when they are given.
+    patches: clean patches y [N, s, s, C] in [-1, 1].
+    x_pos: coordinate channels [N, s, s, 2].
+    labels: [N, L] or None.
+    sigma, weight: [N] (see :func:`sample_noise`).
+    eps: unit Gaussian noise [N, s, s, C].
+    augment_labels: [N, augment_dim] of the augmentation applied to ``patches``, or None.
+
+  Returns:
+    float32 [N].
+  """
+  y = patches.astype(jnp.float32)
+  noise = eps * sigma[:, None, None, None]
+  extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+  denoised = denoise_fn(y + noise, sigma, x_pos, labels, **extra).astype(jnp.float32)
+  return weight * jnp.sum((denoised - y)**2, axis=(1, 2, 3))
+
+
 def patch_loss(denoise_fn: DenoiseFn, key: jax.Array, patches: jnp.ndarray, x_pos: jnp.ndarray,
-               labels: Optional[jnp.ndarray], noise_dist) -> jnp.ndarray:
+               labels: Optional[jnp.ndarray], noise_dist,
+               augment_labels: Optional[jnp.ndarray] = None) -> jnp.ndarray:
   """Per-sample weighted denoising loss on patches.
 
   loss_n = λ(σ_n) · Σ_{h,w,c} (D(y_n + σ_n ε; σ_n) − y_n)², with σ_n and ε drawn from ``key``.
@@ -90,14 +125,10 @@ def patch_loss(denoise_fn: DenoiseFn, key: jax.Array, patches: jnp.ndarray, x_po
     x_pos: coordinate channels [N, s, s, 2].
     labels: [N, L] or None.
     noise_dist: one of :class:`EDMNoise`, :class:`VPNoise`, :class:`VENoise`.
+    augment_labels: [N, augment_dim] augmentation labels of ``patches`` (EDM's augment pipe), or None.
 
   Returns:
     float32 [N]: the per-sample losses (sum over pixels and channels). Reduce with a mean.
   """
-  k_sigma, k_noise = jax.random.split(key)
-  n = patches.shape[0]
-  sigma, weight = noise_dist.sample(k_sigma, n)
-  y = patches.astype(jnp.float32)
-  noise = jax.random.normal(k_noise, y.shape, jnp.float32) * sigma[:, None, None, None]
-  denoised = denoise_fn(y + noise, sigma, x_pos, labels).astype(jnp.float32)
-  return weight * jnp.sum((denoised - y)**2, axis=(1, 2, 3))
+  sigma, weight, eps = sample_noise(key, noise_dist, patches.shape)
+  return denoising_loss(denoise_fn, patches, x_pos, labels, sigma, weight, eps, augment_labels)

@@ -9,6 +9,7 @@ the raw network output ``F`` (NHWC, ``C`` channels). ``denoise`` wraps it into t
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -136,19 +137,25 @@ def denoise(precond: Precond, net_fn: NetFn, x: jnp.ndarray, sigma: jnp.ndarray,
 
 def make_denoiser(apply_fn: Callable, variables: dict, precond, *, train: bool = False,
                   dropout_key: jax.Array | None = None, dtype=jnp.float32):
-  """``denoise_fn(x, sigma, x_pos, labels)`` for a Flax network with ``variables``.
+  """``denoise_fn(x, sigma, x_pos, labels, augment_labels=None)`` for a Flax network with ``variables``.
 
   The network sees its input in ``dtype`` (bf16 compute option); D is returned in float32.
+  ``augment_labels`` ([N, augment_dim] float, EDM's augmentation labels) reach the network's
+  ``map_augment``; None (sampling, evaluation) means "not augmented" and is exactly the all-zero label
+  (``map_augment`` has no bias), so a network trained with augmentation samples with None.
   """
   rngs = {"dropout": dropout_key} if (train and dropout_key is not None) else {}
 
-  def net_fn(x_in, c_noise, labels):
+  def net_fn(x_in, c_noise, labels, augment_labels=None):
     if labels is not None:
       labels = labels.astype(dtype)
-    out = apply_fn(variables, x_in.astype(dtype), c_noise.astype(jnp.float32), labels, train=train, rngs=rngs)
+    extra = {} if augment_labels is None else {"augment_labels": augment_labels.astype(jnp.float32)}
+    out = apply_fn(variables, x_in.astype(dtype), c_noise.astype(jnp.float32), labels, train=train, rngs=rngs,
+                   **extra)
     return out.astype(jnp.float32)
 
-  def denoise_fn(x, sigma, x_pos, labels):
-    return denoise(precond, net_fn, x, sigma, x_pos, labels)
+  def denoise_fn(x, sigma, x_pos, labels, augment_labels=None):
+    net = net_fn if augment_labels is None else functools.partial(net_fn, augment_labels=augment_labels)
+    return denoise(precond, net, x, sigma, x_pos, labels)
 
   return denoise_fn
