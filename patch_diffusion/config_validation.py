@@ -17,6 +17,7 @@ from patch_diffusion.data import patches
 from patch_diffusion.edm import precond as precond_lib
 from patch_diffusion.edm import sampler as sampler_lib
 from patch_diffusion.models import registry
+from patch_diffusion.models.multistage_unet import check_stage_boundaries
 
 MATMUL_PRECISIONS = ("default", "high", "highest")
 
@@ -111,6 +112,25 @@ def _validate_model(config) -> None:
                         f"the smallest patch ({smallest} px) must be divisible by 2^(levels-1) = "
                         f"{2 ** (levels - 1)} for the U-Net's downsampling; use fewer levels or a larger R")
   _number(config, "model.augment_dim", allow_low=True, integer=True)
+
+
+def _validate_multistage(config) -> None:
+  """``ddpmpp-multistage``: decoder widths, stage boundaries, and EDM's loss (the stage draw and the
+  truncated σ distribution are defined for EDM's log-normal only, as in the authors' code)."""
+  class_name, kwargs = registry.resolve_model_kwargs(config.model)
+  if class_name != "MultistageUNet":
+    return
+  widths = kwargs["decoder_channels"]
+  if any(w <= 0 for w in widths):
+    raise ConfigError("model.decoder_channels", tuple(config.model.decoder_channels),
+                      "every decoder base width must be a positive integer, e.g. (192, 128, 16)")
+  try:
+    check_stage_boundaries(kwargs["stage_boundaries"], len(widths))
+  except ValueError as e:
+    raise ConfigError("model.stage_boundaries", tuple(config.model.stage_boundaries), str(e)) from e
+  if config.edm.precond != "edm":
+    raise ConfigError("edm.precond", config.edm.precond, "multi-stage training draws each step's stage and "
+                      "its σ from EDM's log-normal (the authors' EDMMultistageLoss): use edm.precond='edm'")
 
 
 def _validate_schedule(config) -> None:
@@ -233,6 +253,7 @@ def validate_config(config, *, num_devices: Optional[int] = None, num_processes:
   _choice(config, "patch.schedule", patches.SCHEDULES)
   _number(config, "patch.real_p", allow_low=True, high=1.0, allow_high=True)
   _validate_model(config)
+  _validate_multistage(config)
   _validate_schedule(config)
   _validate_augment(config)
   _choice(config, "edm.precond", precond_lib.PRECONDS)

@@ -28,6 +28,7 @@ from patch_diffusion.data import patches as patches_lib
 from patch_diffusion.edm import loss as loss_lib
 from patch_diffusion.edm import precond as precond_lib
 from patch_diffusion.edm import sampler as sampler_lib
+from patch_diffusion.edm import stages as stages_lib
 from patch_diffusion.evaluation import evaluator as evaluator_lib
 from patch_diffusion.evaluation import inception_weights
 from patch_diffusion.evaluation import reference
@@ -47,6 +48,7 @@ class Experiment:
   tx: Any
   dtype: Any
   source: Any = None           # the opened data source (None when no data is read)
+  stages: Optional[stages_lib.StageSchedule] = None  # multi-stage networks: the stage of every step
 
   @property
   def resolution(self) -> int:
@@ -60,6 +62,11 @@ class Experiment:
   def num_classes(self) -> int:
     return self.info.num_classes
 
+  @property
+  def stage_boundaries(self) -> tuple:
+    """The σ boundaries between the decoders of a multi-stage network; () for a single decoder."""
+    return () if self.stages is None else self.stages.boundaries
+
   def init_variables(self, key: jax.Array) -> dict:
     """Fresh network variables (float32), replicated on the mesh."""
     return jax.device_put(models.init_params(self.model, key), parallel.replicated(self.mesh))
@@ -70,7 +77,8 @@ class Experiment:
     return sampling.make_generate_fn(
         self.model.apply, self.precond, settings, resolution=self.resolution, channels=self.channels,
         num_classes=self.num_classes, batch_size=batch_size, mesh=self.mesh, dtype=self.dtype,
-        quantize=not self.config.patch.latent)  # latents are not images: keep them float
+        quantize=not self.config.patch.latent,  # latents are not images: keep them float
+        stage_boundaries=self.stage_boundaries)
 
 
 def build_experiment(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Experiment:
@@ -94,9 +102,11 @@ def build_experiment(config: ml_collections.ConfigDict, *, check_data: bool = Tr
   precond = precond_lib.get_precond(config.edm.precond, config.edm.sigma_data)
   noise = loss_lib.get_noise_distribution(config.edm.precond, P_mean=config.edm.P_mean,
                                           P_std=config.edm.P_std, sigma_data=config.edm.sigma_data)
+  stages = stages_lib.StageSchedule.from_config(config)
   return Experiment(config=config, mesh=mesh, info=info, model=model, precond=precond, noise_dist=noise,
-                    schedule=schedule, tx=state_lib.make_optimizer(config.train),
-                    dtype=registry.DTYPES[config.model.dtype], source=source)
+                    schedule=schedule, dtype=registry.DTYPES[config.model.dtype], source=source,
+                    tx=state_lib.make_optimizer(config.train, 0 if stages is None else stages.num_stages),
+                    stages=stages)
 
 
 # ---- networks ------------------------------------------------------------------------------------------

@@ -46,9 +46,9 @@ class Run:
     step: steps taken; nimg: counted images so far (host float64); total_nimg: the training length.
     resumed_from: checkpoint step the run resumed from (None for a fresh run).
     step_key: the run's base PRNG key for steps.
-    plan, size, local, metrics: of the step just taken: its ``patches.StepPlan``, patch size, this host's
-      batch (host arrays, incl.
-      'index' when a hook asked for example indices), device metrics (not fetched).
+    plan, size, stage, local, metrics: of the step just taken: its ``patches.StepPlan``, patch size, σ
+      stage (multi-stage networks; None otherwise), this host's batch (host arrays, incl. 'index' when a
+      hook asked for example indices), device metrics (not fetched).
     host_seconds: host time of the step outside compiled code: input, host-to-device, dispatch.
     stop_reason: set by a hook to end the loop after this step (e.g. 'SIGTERM').
     last_metrics: the last logged scalars.
@@ -66,6 +66,7 @@ class Run:
   step_key: jax.Array
   plan: Any = None
   size: int = 0
+  stage: Optional[int] = None
   local: Optional[dict] = None
   metrics: Optional[dict] = None
   host_seconds: dict = dataclasses.field(default_factory=dict)
@@ -108,12 +109,14 @@ class MetricsHook(Hook):
     self.progress = progress.ProgressLogger(run.config.train.total_kimg)
     self._pending: list[tuple[int, dict]] = []   # (patch size, device metrics) not yet fetched
     self._fetched: list[tuple[int, dict]] = []   # (patch size, host metrics) not yet logged
+    self._stages: list[Optional[int]] = []        # σ stage of each pending/fetched step (multi-stage)
     self._last = {"time": time.time(), "nimg": run.nimg}
     self._patches = 0
     self._host = collections.Counter()
 
   def after_step(self, run: Run) -> None:
     self._pending.append((run.size, run.metrics))
+    self._stages.append(run.stage)
     self._patches += run.local["image"].shape[0] * jax.process_count()
     self._host.update(run.host_seconds)
     if run.step % self.every_steps == 0 or run.done:
@@ -167,6 +170,8 @@ class MetricsHook(Hook):
     scalars.update({f"host_ms_{k}": 1e3 * self._host[k] / n for k in ("input", "h2d", "dispatch")})
     scalars.update({f"loss_{s}": float(np.mean(v)) for s, v in by_size.items()})
     scalars.update({f"frac_steps_{s}": len(v) / n for s, v in by_size.items()})
+    scalars.update(_stage_scalars(self._stages[:n], losses))
+    self._stages = self._stages[n:]
     run.writer.write_scalars(run.step, scalars)
     logging.info(self.progress.line(run.step, run.nimg / 1000, scalars["loss"],
                                     {s: float(np.mean(v)) for s, v in sorted(by_size.items())},
@@ -177,6 +182,17 @@ class MetricsHook(Hook):
     self._patches = 0
     self._host = collections.Counter()
     self._fetched = []
+
+
+def _stage_scalars(stages: list, losses: list) -> dict:
+  """``loss_stage_<k>`` and ``frac_steps_stage_<k>`` over logged steps of a multi-stage network."""
+  by_stage = collections.defaultdict(list)
+  for stage, loss in zip(stages, losses):
+    if stage is not None:
+      by_stage[stage].append(loss)
+  out = {f"loss_stage_{k}": float(np.mean(v)) for k, v in by_stage.items()}
+  out.update({f"frac_steps_stage_{k}": len(v) / len(losses) for k, v in by_stage.items()})
+  return out
 
 
 class CheckpointHook(Hook):

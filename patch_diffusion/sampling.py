@@ -29,7 +29,7 @@ from patch_diffusion.edm.precond import make_denoiser
 def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerSettings, *,
                      resolution: int, channels: int, num_classes: int, batch_size: int, mesh: Mesh,
                      dtype=jnp.float32, x_pos: Optional[jnp.ndarray] = None,
-                     quantize: bool = True) -> Callable:
+                     quantize: bool = True, stage_boundaries=()) -> Callable:
   """Compiles ``fn(variables, key, batch_index) -> (images uint8 [B,R,R,C], labels int32 [B])``.
 
   Args:
@@ -42,6 +42,8 @@ def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerS
     x_pos: coordinate grid [R', R', 2] (default: the full R×R grid); other grids give crop/extrapolation
       samples of size R'.
     quantize: return uint8 images (EDM's rounding of [-1, 1]); False returns the float32 sample (latents).
+    stage_boundaries: a multi-stage network's σ boundaries: every evaluation runs the decoder of its σ's
+      stage, chosen statically per segment of sampler steps (``sampler.edm_sample``); () otherwise.
   """
   n_data = parallel.data_parallel_size(mesh)
   if batch_size % n_data:
@@ -59,7 +61,8 @@ def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerS
     labels = jax.random.randint(k_lab, (batch_size,), 0, max(num_classes, 1))
     onehot = jax.nn.one_hot(labels, num_classes) if num_classes else None
     denoise_fn = make_denoiser(apply_fn, variables, precond, dtype=dtype)
-    x = sampler_lib.edm_sample(denoise_fn, latents, grid, k_churn, onehot, settings)
+    x = sampler_lib.edm_sample(denoise_fn, latents, grid, k_churn, onehot, settings,
+                               stage_boundaries=tuple(stage_boundaries))
     return (image_grid.to_uint8(x, jnp) if quantize else x), labels.astype(jnp.int32)
 
   return jax.jit(generate, out_shardings=(sharded, sharded))

@@ -45,6 +45,13 @@ class StepConfig:
     augment_before_crop: False (official): augment the cropped patch, coordinates untouched; True: augment
       the full image, then crop (coordinates describe the augmented image).
     grad_accum_steps: k micro-batches per step (module docstring); must divide the step's batch.
+    stage_boundaries: multi-stage networks (``MultistageUNet``): the K − 1 σ boundaries between stages;
+      () for single-decoder networks.
+    stage: multi-stage networks: the stage this step trains, static (one executable per stage); None =
+      the step takes it as a traced int32 argument (one executable for every stage, the decoder chosen
+      with ``lax.switch``). Either way the batch's σ come from EDM's log-normal truncated to the stage,
+      only that decoder (and the shared encoder) gets gradients and an Adam update
+      (``state.stagewise_adam``), and the EMA moves every parameter, as the authors' loop.
   """
   patch_size: int
   resolution: int
@@ -54,6 +61,8 @@ class StepConfig:
   augment: Optional[augment_lib.AugmentPipe] = None
   augment_before_crop: bool = False
   grad_accum_steps: int = 1
+  stage_boundaries: tuple = ()
+  stage: Optional[int] = None
 
 
 def images_to_float(images: jnp.ndarray) -> jnp.ndarray:
@@ -123,9 +132,23 @@ def model_inputs(cfg: StepConfig, mb: dict):
   return patches, x_pos, augment_labels
 
 
+def _step_stage(cfg: StepConfig, stage):
+  """The stage a step trains: None (single decoder), cfg.stage (static) or the traced argument."""
+  if not cfg.stage_boundaries:
+    if stage is not None or cfg.stage is not None:
+      raise ValueError("a stage was given to the train step of a single-decoder network")
+    return None
+  if cfg.stage is not None:
+    return int(cfg.stage)
+  if stage is None:
+    raise ValueError("this multi-stage train step takes the stage as an argument: "
+                     "step(state, batch, lr, ema_beta, base_key, stage)")
+  return jnp.asarray(stage, jnp.int32)
+
+
 def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, precond, noise_dist,
                     cfg: StepConfig) -> Callable:
-  """Returns ``step(state, batch, lr, ema_beta, base_key) -> (state, metrics)``.
+  """Returns ``step(state, batch, lr, ema_beta, base_key[, stage]) -> (state, metrics)``.
 
   Args of the returned function:
     state: :class:`TrainState` (donated).
@@ -134,6 +157,8 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, precon
     lr: float32 scalar learning rate for this step (the schedule's ``lr_scale`` already applied).
     ema_beta: float32 scalar EMA decay for this step.
     base_key: the run's typed PRNG key.
+    stage: int32 scalar, only for a multi-stage step built with ``cfg.stage = None`` (see
+      :class:`StepConfig`).
 
   Metrics (device scalars, fetched only on log steps): 'loss' (mean over samples of the per-sample sum),
   'grad_norm', 'nonfinite_grads' (count of NaN/inf gradient entries replaced).
@@ -142,7 +167,11 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, precon
   if k_accum < 1:
     raise ValueError(f"train.grad_accum_steps = {k_accum} must be >= 1")
 
-  def step(state: TrainState, batch: dict, lr: jax.Array, ema_beta: jax.Array, base_key: jax.Array):
+  def step(state: TrainState, batch: dict, lr: jax.Array, ema_beta: jax.Array, base_key: jax.Array,
+           stage: Optional[jax.Array] = None):
+    stage = _step_stage(cfg, stage)
+    # Multi-stage: the batch's σ from the log-normal truncated to the stage (the authors' loss).
+    noise = noise_dist if stage is None else loss_lib.stage_noise(noise_dist, cfg.stage_boundaries, stage)
     key = jax.random.fold_in(base_key, state.step)
     k_dropout = jax.random.split(key, 4)[3]
     n = batch["image"].shape[0]
@@ -150,13 +179,13 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, precon
       raise ValueError(f"train.grad_accum_steps = {k_accum} does not divide this step's batch of {n} images "
                        f"(train.batch_size x the patch size's multiplier); pick a divisor of train.batch_size")
     # The whole step's randomness, drawn for all N samples (the same draws for every k).
-    inputs = draw_step_inputs(cfg, noise_dist, batch, key)
+    inputs = draw_step_inputs(cfg, noise, batch, key)
 
     def per_sample_loss(params, mb: dict, dropout_key: jax.Array) -> jnp.ndarray:
       """Per-sample losses [n_mb] of one (micro-)batch ``mb`` (slices of ``inputs``)."""
       patches, x_pos, augment_labels = model_inputs(cfg, mb)
       denoise_fn = make_denoiser(apply_fn, {"params": params, **state.buffers}, precond, train=True,
-                                 dropout_key=dropout_key, dtype=cfg.compute_dtype)
+                                 dropout_key=dropout_key, dtype=cfg.compute_dtype, stage=stage)
       return loss_lib.denoising_loss(denoise_fn, patches, x_pos, mb.get("labels"), mb["sigma"], mb["weight"],
                                      mb["eps"], augment_labels)
 
@@ -177,7 +206,9 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, precon
           (jnp.arange(k_accum), split_micro_batches(inputs, k_accum)))
     nonfinite = sum(jnp.sum(~jnp.isfinite(g)) for g in jax.tree.leaves(grads))
     grads = sanitize_grads(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    # Multi-stage: Adam skips the decoders this step does not train (state.stagewise_adam).
+    extra = {} if stage is None else {"stage": stage}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
     ema = jax.tree.map(lambda e, p: ema_beta * e + (1 - ema_beta) * p, state.ema_params, params)
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)

@@ -31,15 +31,33 @@ from patch_diffusion.data import augment as augment_lib
 from patch_diffusion.data import input_pipeline
 
 
+def step_variants(exp: experiment_lib.Experiment) -> tuple[tuple[int, ...], ...]:
+  """Every executable the loop can ask for: ``(patch_size, batch_mul)`` per ``PatchSchedule.variants``;
+  for a multi-stage network ``(patch_size, batch_mul, stage)`` for every stage (one executable per stage:
+  a static stage compiles only that decoder; see docs/MODELS.md for the measured alternative)."""
+  base = exp.schedule.variants()
+  if exp.stages is None:
+    return base
+  return tuple(v + (k,) for v in base for k in range(exp.stages.num_stages))
+
+
+def variant_of(exp: experiment_lib.Experiment, plan, step: int) -> tuple[int, ...]:
+  """The executable key of a step (``step_variants``): its plan's size and multiplier, plus its stage
+  (``StageSchedule.stage``: a pure function of (seed, step), identical on every host)."""
+  key = (plan.patch_size, plan.batch_mul)
+  return key if exp.stages is None else key + (exp.stages.stage(step),)
+
+
 def compile_steps(exp: experiment_lib.Experiment, state: state_lib.TrainState, base_key: jax.Array,
                   local_batch: int, lower_only: bool = False,
-                  variants: Optional[Sequence[tuple[int, int]]] = None) -> dict[tuple[int, int], Callable]:
-  """Ahead-of-time compiles one donated, sharded train step per (patch size, batch multiplier) the
-  schedule can plan (``PatchSchedule.variants``, or the given ``variants``); logs compile times.
+                  variants: Optional[Sequence[tuple[int, ...]]] = None) -> dict[tuple[int, ...], Callable]:
+  """Ahead-of-time compiles one donated, sharded train step per entry of ``step_variants`` (or of the
+  given ``variants``); logs compile times.
 
   Tracing and lowering run in turn (they hold the GIL); the XLA compilations run in parallel threads.
   ``lower_only`` returns the lowered (not yet compiled) computations, e.g. for backend-independent FLOP
-  counts. Keys are ``(patch_size, batch_mul)``.
+  counts. Keys are ``(patch_size, batch_mul)``, or ``(patch_size, batch_mul, stage)`` for a multi-stage
+  network.
   """
   mesh, cfg = exp.mesh, exp.config
   rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
@@ -47,31 +65,34 @@ def compile_steps(exp: experiment_lib.Experiment, state: state_lib.TrainState, b
   r, c = exp.resolution, exp.channels
   augment = augment_lib.from_config(cfg.data)
   lowered = {}
-  for size, mul in (exp.schedule.variants() if variants is None else variants):
+  for variant in (step_variants(exp) if variants is None else variants):
+    size, mul, stage = (tuple(variant) + (None,))[:3]
     step_fn = steps_lib.make_train_step(
         exp.model.apply, exp.tx, exp.precond, exp.noise_dist,
         steps_lib.StepConfig(patch_size=size, resolution=r, num_classes=exp.num_classes,
                              label_dropout=cfg.edm.label_dropout, compute_dtype=exp.dtype, augment=augment,
                              augment_before_crop=cfg.data.augment_before_crop,
-                             grad_accum_steps=cfg.train.grad_accum_steps))
+                             grad_accum_steps=cfg.train.grad_accum_steps,
+                             stage_boundaries=exp.stage_boundaries, stage=stage))
     n = local_batch * mul * jax.process_count()
     batch = {"image": jax.ShapeDtypeStruct((n, r, r, c), jnp.uint8, sharding=data),
              "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=data)}
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     jitted = jax.jit(step_fn, in_shardings=(state_sharding, data, rep, rep, rep),
                      out_shardings=(state_sharding, rep), donate_argnums=(0,))
-    lowered[(size, mul)] = (n, jitted.lower(state, batch, scalar, scalar, base_key))
+    lowered[tuple(variant)] = (n, jitted.lower(state, batch, scalar, scalar, base_key))
 
   if lower_only:
     return {key: low for key, (_, low) in lowered.items()}
 
   def compile_one(item):
-    (size, mul), (n, low) = item
+    key, (n, low) = item
     t0 = time.time()
     exe = low.compile()
-    logging.info("compiled train step for patch %dx%d (global batch %d): %.1f s", size, size, n,
+    stage = f", stage {key[2]}" if len(key) > 2 else ""
+    logging.info("compiled train step for patch %dx%d (global batch %d%s): %.1f s", key[0], key[0], n, stage,
                  time.time() - t0)
-    return (size, mul), exe
+    return key, exe
 
   t0 = time.time()
   with concurrent.futures.ThreadPoolExecutor(max_workers=len(lowered)) as pool:
@@ -86,7 +107,7 @@ def _next_batch(train_iter, mul: int) -> dict:
   return batches[0] if mul == 1 else {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
-def _loop(run: hooks_lib.Run, compiled: dict[tuple[int, int], Callable],
+def _loop(run: hooks_lib.Run, compiled: dict[tuple[int, ...], Callable],
           hooks: Sequence[hooks_lib.Hook]) -> None:
   """Steps until the training length is reached or a hook sets ``run.stop_reason``."""
   sched, tcfg = run.exp.schedule, run.config.train
@@ -100,10 +121,11 @@ def _loop(run: hooks_lib.Run, compiled: dict[tuple[int, int], Callable],
     lr = np.float32(state_lib.learning_rate(run.nimg, tcfg, plan.lr_scale))
     beta = np.float32(state_lib.ema_beta(run.nimg, plan.counted_images, tcfg))
     t2 = time.perf_counter()
-    run.state, run.metrics = compiled[(plan.patch_size, plan.batch_mul)](run.state, batch, lr, beta,
-                                                                         run.step_key)  # async dispatch
+    variant = variant_of(run.exp, plan, run.step)  # (size, mul[, stage]): identical on every host
+    run.state, run.metrics = compiled[variant](run.state, batch, lr, beta, run.step_key)  # async dispatch
     run.host_seconds = {"input": t1 - t0, "h2d": t2 - t1, "dispatch": time.perf_counter() - t2}
     run.plan, run.size, run.local = plan, plan.patch_size, local
+    run.stage = variant[2] if len(variant) > 2 else None
     run.step += 1
     run.nimg += plan.counted_images
     for hook in hooks:
@@ -123,6 +145,9 @@ def _start(exp: experiment_lib.Experiment, workdir: str, with_index: bool) -> ho
   state = jax.device_put(state_lib.create_train_state(experiment_lib.initial_variables(exp, k_init), exp.tx),
                          parallel.replicated(exp.mesh))
   logging.info("network %s: %.2f M parameters", config.model.arch, state_lib.param_count(state.params) / 1e6)
+  if exp.stages is not None:
+    shared, decoders = state_lib.stage_param_counts(state.params, exp.stages.num_stages)
+    logging.info("%s", exp.stages.describe(decoders, shared))
   nimg, step, data_state, resumed_from = 0.0, 0, None, None
   if ckpt.latest_step() is not None:
     state, meta = ckpt.restore(state, skip_damaged=tcfg.skip_damaged_checkpoints)

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.scipy import special
 
 from patch_diffusion.edm import precond as precond_lib
 
@@ -28,6 +29,85 @@ class EDMNoise:
     sigma = jnp.exp(jax.random.normal(key, (n,)) * self.P_std + self.P_mean)
     weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data)**2
     return sigma, weight
+
+
+def truncated_standard_normal(u: jnp.ndarray, a, b) -> jnp.ndarray:
+  """z ~ N(0, 1) conditioned on a <= z <= b, by the inverse CDF: z = Φ⁻¹(Φ(a) + u (Φ(b) − Φ(a))).
+
+  Computed on the side of 0 where the interval lies (z → −z when a + b > 0), so both CDF values are
+  lower-tail probabilities and keep float32's relative precision: Φ(2.7) = 0.9965 has only ~4 correct
+  digits left in float32 for the difference of two such values, Φ(−2.7) = 0.0035 has all of them.
+
+  Args:
+    u: uniforms in (0, 1), any shape, float32.
+    a, b: bounds (scalars, may be traced; −inf/inf allowed).
+
+  Returns:
+    z of ``u``'s shape and dtype, in [a, b] up to rounding.
+  """
+  a = jnp.asarray(a, u.dtype)
+  b = jnp.asarray(b, u.dtype)
+  flip = (a + b) > 0  # NaN for (−inf, inf): no flip
+  lo, hi = jnp.where(flip, -b, a), jnp.where(flip, -a, b)
+  p_lo, p_hi = special.ndtr(lo), special.ndtr(hi)
+  z = special.ndtri(p_lo + u * (p_hi - p_lo))
+  return jnp.where(flip, -z, z)
+
+
+@dataclasses.dataclass(frozen=True)
+class TruncatedEDMNoise:
+  """EDM's σ distribution conditioned on one stage of a multi-stage network: ln σ ~ N(P_mean, P_std²)
+  truncated to ``lo < σ <= hi``; weight λ(σ) as :class:`EDMNoise`.
+
+  This is the distribution the authors' ``EDMMultistageLoss`` draws by rejection (log-normal σ until one
+  falls in the step's stage), drawn here in closed form with the inverse CDF of the normal on
+  [(ln lo − P_mean)/P_std, (ln hi − P_mean)/P_std]. The result is clipped to (lo, hi] in float32 (the
+  boundaries rounded to float32, as ``stage_of_sigma`` compares them), so every σ belongs to the stage.
+
+  Attributes:
+    base: the untruncated :class:`EDMNoise`.
+    lo, hi: the stage's σ interval, lower bound exclusive (0 = none), upper inclusive (inf = none);
+      Python floats or traced float32 scalars (a traced stage).
+  """
+  base: EDMNoise
+  lo: float | jax.Array = 0.0
+  hi: float | jax.Array = float("inf")
+
+  def sample(self, key: jax.Array, n: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    b = self.base
+    lo = jnp.asarray(self.lo, jnp.float32)
+    hi = jnp.asarray(self.hi, jnp.float32)
+    # log(0) = −inf and log(inf) = inf give the untruncated tails.
+    a_z = (jnp.log(lo) - b.P_mean) / b.P_std
+    b_z = (jnp.log(hi) - b.P_mean) / b.P_std
+    # Open interval (0, 1): u = 0 would give z = −inf (σ = 0) in the lowest stage.
+    u = jax.random.uniform(key, (n,), jnp.float32, minval=jnp.finfo(jnp.float32).tiny, maxval=1.0)
+    sigma = jnp.exp(truncated_standard_normal(u, a_z, b_z) * b.P_std + b.P_mean)
+    sigma = jnp.clip(sigma, jnp.nextafter(lo, jnp.float32(jnp.inf)), hi)
+    weight = (sigma**2 + b.sigma_data**2) / (sigma * b.sigma_data)**2
+    return sigma, weight
+
+
+def stage_noise(noise_dist, boundaries, stage) -> TruncatedEDMNoise:
+  """``noise_dist`` (an :class:`EDMNoise`) truncated to stage ``stage`` of a multi-stage network.
+
+  Args:
+    noise_dist: the run's :class:`EDMNoise` (the authors' multi-stage loss exists for EDM only).
+    boundaries: the K − 1 stage boundaries in σ (Python floats).
+    stage: a Python int (the interval is a pair of constants) or a traced int32 scalar (looked up in a
+      table of the K + 1 interval edges).
+  """
+  if not isinstance(noise_dist, EDMNoise):
+    raise ValueError(f"multi-stage training needs EDM's noise distribution (edm.precond='edm'), got "
+                     f"{type(noise_dist).__name__}")
+  edges = (0.0,) + tuple(float(b) for b in boundaries) + (float("inf"),)
+  if isinstance(stage, int):
+    if not 0 <= stage < len(edges) - 1:
+      raise ValueError(f"stage {stage} out of range for {len(edges) - 1} stages")
+    return TruncatedEDMNoise(noise_dist, edges[stage], edges[stage + 1])
+  table = jnp.asarray(edges, jnp.float32)
+  stage = jnp.clip(jnp.asarray(stage, jnp.int32), 0, len(edges) - 2)
+  return TruncatedEDMNoise(noise_dist, table[stage], table[stage + 1])
 
 
 @dataclasses.dataclass(frozen=True)

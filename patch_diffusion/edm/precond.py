@@ -136,26 +136,37 @@ def denoise(precond: Precond, net_fn: NetFn, x: jnp.ndarray, sigma: jnp.ndarray,
 
 
 def make_denoiser(apply_fn: Callable, variables: dict, precond, *, train: bool = False,
-                  dropout_key: jax.Array | None = None, dtype=jnp.float32):
-  """``denoise_fn(x, sigma, x_pos, labels, augment_labels=None)`` for a Flax network with ``variables``.
+                  dropout_key: jax.Array | None = None, dtype=jnp.float32, stage=None):
+  """``denoise_fn(x, sigma, x_pos, labels, augment_labels=None, stage=None)`` for a Flax network with
+  ``variables``.
 
   The network sees its input in ``dtype`` (bf16 compute option); D is returned in float32.
   ``augment_labels`` ([N, augment_dim] float, EDM's augmentation labels) reach the network's
   ``map_augment``; None (sampling, evaluation) means "not augmented" and is exactly the all-zero label
   (``map_augment`` has no bias), so a network trained with augmentation samples with None.
+
+  ``stage`` (multi-stage networks only): the decoder to run, a Python int (static) or a traced int32
+  scalar, passed to the network as ``stage=``; a ``stage`` given to ``denoise_fn`` overrides it. None (the
+  default) passes nothing, so single-decoder networks are called exactly as before and a multi-stage
+  network picks the stage of the first sample's σ.
   """
   rngs = {"dropout": dropout_key} if (train and dropout_key is not None) else {}
 
-  def net_fn(x_in, c_noise, labels, augment_labels=None):
+  def net_fn(x_in, c_noise, labels, augment_labels=None, stage=None):
     if labels is not None:
       labels = labels.astype(dtype)
     extra = {} if augment_labels is None else {"augment_labels": augment_labels.astype(jnp.float32)}
+    if stage is not None:
+      extra["stage"] = stage
     out = apply_fn(variables, x_in.astype(dtype), c_noise.astype(jnp.float32), labels, train=train, rngs=rngs,
                    **extra)
     return out.astype(jnp.float32)
 
-  def denoise_fn(x, sigma, x_pos, labels, augment_labels=None):
-    net = net_fn if augment_labels is None else functools.partial(net_fn, augment_labels=augment_labels)
+  default_stage = stage
+
+  def denoise_fn(x, sigma, x_pos, labels, augment_labels=None, stage=None):
+    stage = default_stage if stage is None else stage
+    net = functools.partial(net_fn, augment_labels=augment_labels, stage=stage)
     return denoise(precond, net, x, sigma, x_pos, labels)
 
   return denoise_fn

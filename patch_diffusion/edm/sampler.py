@@ -73,26 +73,77 @@ def sigma_steps(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.
 def guided(denoise_fn: DenoiseFn, guidance: float) -> DenoiseFn:
   """Classifier-free guidance: D = D_u + w (D_c − D_u), with the zero label as unconditional.
 
-  Both branches run as one batch of 2N so the network is called once per evaluation.
+  Both branches run as one batch of 2N so the network is called once per evaluation. Keyword arguments
+  (``stage=`` of a multi-stage denoiser) are passed through.
   """
   if guidance == 1.0:
     return denoise_fn
 
-  def fn(x, sigma, x_pos, labels):
+  def fn(x, sigma, x_pos, labels, **kwargs):
     if labels is None:
       raise ValueError("classifier-free guidance (guidance != 1) needs class labels")
     n = x.shape[0]
     both = denoise_fn(jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]),
-                      jnp.concatenate([x_pos, x_pos]), jnp.concatenate([jnp.zeros_like(labels), labels]))
+                      jnp.concatenate([x_pos, x_pos]), jnp.concatenate([jnp.zeros_like(labels), labels]),
+                      **kwargs)
     d_u, d_c = both[:n], both[n:]
     return d_u + guidance * (d_c - d_u)
 
   return fn
 
 
+def evaluation_sigmas(settings: SamplerSettings, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+  """The σ of every network evaluation of :func:`edm_sample`, known before sampling.
+
+  Returns:
+    (t_hat [N]: σ of step i's first evaluation, after churn; t_next [N]: σ of its Heun correction,
+    NaN where there is none — the last step and every Euler step), in ``dtype`` with the sampler's
+    arithmetic (t_hat = t_cur + γ t_cur).
+  """
+  s = settings
+  dtype = np.dtype(dtype)
+  t_steps = sigma_steps(s.num_steps, s.sigma_min, s.sigma_max, s.rho).astype(dtype)
+  t_cur = t_steps[:-1]
+  gamma_max = min(s.S_churn / s.num_steps, np.sqrt(2) - 1) if s.S_churn > 0 else 0.0
+  gamma = np.where((t_cur >= s.S_min) & (t_cur <= s.S_max), gamma_max, 0.0).astype(dtype)
+  t_hat = (t_cur + gamma * t_cur).astype(dtype)
+  t_next = t_steps[1:].copy()
+  t_next[-1] = np.nan
+  if s.solver != "heun":
+    t_next[:] = np.nan
+  return t_hat, t_next
+
+
+def stage_plan(settings: SamplerSettings, boundaries, dtype=np.float32) -> list[tuple[int, int, int, Optional[int]]]:
+  """The decoders a multi-stage network runs, as segments of consecutive sampler steps.
+
+  Each evaluation uses the decoder of the stage its σ falls in (``lo < σ <= hi``; float64 comparison of
+  the σ the sampler passes, :func:`evaluation_sigmas`). Steps with the same (first, correction) stages
+  form one segment.
+
+  Returns:
+    ``[(start, stop, stage of the first evaluation, stage of the Heun correction or None)]`` covering steps
+    ``0 .. num_steps − 1`` in order (the last step, plain Euler, is always its own segment).
+  """
+  b = np.asarray(tuple(boundaries), np.float64)
+  t_hat, t_next = evaluation_sigmas(settings, dtype)
+
+  def stage(t):
+    return None if np.isnan(t) else int(np.sum(np.float64(t) > b))
+
+  pairs = [(stage(a), stage(c)) for a, c in zip(t_hat, t_next)]
+  segments = []
+  for i, pair in enumerate(pairs):
+    if segments and i < len(pairs) - 1 and segments[-1][2:] == pair:
+      segments[-1] = (segments[-1][0], i + 1) + pair
+    else:
+      segments.append((i, i + 1) + pair)
+  return segments
+
+
 def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, key: jax.Array | None = None,
                class_labels: Optional[jnp.ndarray] = None, settings: SamplerSettings = SamplerSettings(),
-               *, step_noise: Optional[jnp.ndarray] = None) -> jnp.ndarray:
+               *, step_noise: Optional[jnp.ndarray] = None, stage_boundaries=()) -> jnp.ndarray:
   """Generates images by integrating the probability-flow ODE (or the churned SDE) from σ_max to 0.
 
   Args:
@@ -107,6 +158,11 @@ def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, 
     step_noise: optional standard-normal churn noise ``[num_steps, N, H, W, C]`` to use instead of
       drawing it from ``key``: ``step_noise[i]`` is step i's draw (as the official ``edm_sampler`` makes one
       on every step, also where γ = 0). For reproducing another implementation's trajectory exactly.
+    stage_boundaries: for a multi-stage denoiser (one that takes ``stage=``): the σ boundaries between its
+      decoders. Every evaluation's σ is known before sampling (:func:`stage_plan`), so the step loop is
+      split into segments of consecutive steps that use the same decoders, each a ``fori_loop`` whose
+      evaluations pass a static ``stage=k``: each compiles to exactly one decoder, with no run-time
+      switch. () (default): one loop, the denoiser called without ``stage``.
 
   Returns:
     The final sample x_N, same shape and dtype as ``latents`` (images in about [−1, 1]).
@@ -125,8 +181,9 @@ def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, 
   denoise = guided(denoise_fn, s.guidance)
   gamma_max = min(s.S_churn / s.num_steps, np.sqrt(2) - 1)
 
-  def derivative(x, t):
-    return (x - denoise(x, jnp.full((n,), t, dtype), x_pos, class_labels).astype(dtype)) / t
+  def derivative(x, t, stage):
+    extra = {} if stage is None else {"stage": stage}
+    return (x - denoise(x, jnp.full((n,), t, dtype), x_pos, class_labels, **extra).astype(dtype)) / t
 
   def churn(i, x, t_cur):
     if s.S_churn <= 0:
@@ -137,23 +194,30 @@ def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, 
            else jax.random.normal(jax.random.fold_in(key, i), x.shape, dtype))
     return x + jnp.sqrt(t_hat**2 - t_cur**2) * s.S_noise * eps, t_hat
 
-  def step(i, x_cur):
-    t_cur, t_next = t_steps[i], t_steps[i + 1]
-    x_hat, t_hat = churn(i, x_cur, t_cur)
-    d_cur = derivative(x_hat, t_hat)
-    x_next = x_hat + (t_next - t_hat) * d_cur
-    if s.solver == "heun":
-      d_prime = derivative(x_next, t_next)
-      x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
-    return x_next
+  def make_step(stage_first=None, stage_second=None):
+    def step(i, x_cur):
+      t_cur, t_next = t_steps[i], t_steps[i + 1]
+      x_hat, t_hat = churn(i, x_cur, t_cur)
+      d_cur = derivative(x_hat, t_hat, stage_first)
+      x_next = x_hat + (t_next - t_hat) * d_cur
+      if s.solver == "heun":
+        d_prime = derivative(x_next, t_next, stage_second)
+        x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+      return x_next
+    return step
 
-  def last_step(x_cur):
+  def last_step(x_cur, stage=None):
     # The final step lands on σ = 0, where the Heun correction is undefined: plain Euler (as EDM).
     i = s.num_steps - 1
     t_cur = t_steps[i]
     x_hat, t_hat = churn(i, x_cur, t_cur)
-    return x_hat + (t_steps[i + 1] - t_hat) * derivative(x_hat, t_hat)
+    return x_hat + (t_steps[i + 1] - t_hat) * derivative(x_hat, t_hat, stage)
 
   x = latents * t_steps[0]
-  x = jax.lax.fori_loop(0, s.num_steps - 1, step, x)
-  return last_step(x)
+  if not stage_boundaries:
+    x = jax.lax.fori_loop(0, s.num_steps - 1, make_step(), x)
+    return last_step(x)
+  segments = stage_plan(s, stage_boundaries, dtype)
+  for start, stop, first, second in segments[:-1]:
+    x = jax.lax.fori_loop(start, stop, make_step(first, second), x)
+  return last_step(x, segments[-1][2])

@@ -1,0 +1,291 @@
+"""Multi-stage training, sampling and tooling (Zhang et al. CVPR 2024 on Patch Diffusion): the per-step
+stage draw, the truncated σ distribution, Adam that skips unused decoders, the trainer end to end
+(checkpoint, bit-exact resume, sampling), the sampler's decoder per step, the stage-boundaries tool and
+the conversion of the authors' checkpoints."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from scipy import stats
+
+from patch_diffusion import experiment
+from patch_diffusion import generate
+from patch_diffusion import checkpointing
+from patch_diffusion import parallel
+from patch_diffusion import state as state_lib
+from patch_diffusion import steps as steps_lib
+from patch_diffusion import train
+from patch_diffusion.config_validation import ConfigError
+from patch_diffusion.edm import loss as loss_lib
+from patch_diffusion.edm import precond as precond_lib
+from patch_diffusion.edm import sampler as sampler_lib
+from patch_diffusion.edm import stages as stages_lib
+from patch_diffusion.models import create_model, init_params, stage_of_sigma
+from helpers import read_jsonl, steps_to_kimg, tiny
+
+DEFAULT_BOUNDARIES = (2.5103, 7.6577)
+#: Boundaries for the tiny runs: stages of probability 0.50 / 0.34 / 0.16 under EDM's log-normal, so a
+#: few steps visit every stage.
+TINY_BOUNDARIES = (0.3, 1.0)
+R = 16
+
+
+def tiny_multistage(**overrides):
+  """The tiny test config as a 3-stage network (encoder 16, decoders 16/16/8), one patch size."""
+  return tiny(**{"model.arch": "ddpmpp-multistage", "model.decoder_channels": (16, 16, 8),
+                 "model.stage_boundaries": TINY_BOUNDARIES, "patch.real_p": 1.0, **overrides})
+
+
+# ---- the stage draw ----------------------------------------------------------------------------------
+
+
+def test_stage_probabilities_of_the_authors_boundaries():
+  p = stages_lib.stage_probabilities(DEFAULT_BOUNDARIES)
+  np.testing.assert_allclose(p, (0.9614, 0.0351, 0.0035), atol=5e-5)
+  assert sum(p) == pytest.approx(1.0, abs=1e-12)
+  assert stages_lib.stage_bounds(DEFAULT_BOUNDARIES) == ((0.0, 2.5103), (2.5103, 7.6577), (7.6577, math.inf))
+
+
+def test_stage_draw_is_a_pure_function_of_seed_and_step_and_follows_the_probabilities():
+  sched = stages_lib.StageSchedule(TINY_BOUNDARIES, seed=3)
+  steps = np.arange(40_000)
+  stages = np.array([sched.stage(int(i)) for i in steps])
+  # Pure: a second schedule object, asked in another order, agrees step by step; the seed matters.
+  again = stages_lib.StageSchedule(TINY_BOUNDARIES, seed=3)
+  assert [again.stage(int(i)) for i in steps[::-1][:500]] == list(stages[::-1][:500])
+  other = np.array([stages_lib.StageSchedule(TINY_BOUNDARIES, seed=4).stage(int(i)) for i in steps[:500]])
+  assert (other != stages[:500]).mean() > 0.3
+  # The stage is that of the step's σ (lower bound exclusive) ...
+  for i in range(200):
+    assert sched.stage(i) == sum(sched.sigma(i) > b for b in TINY_BOUNDARIES)
+  # ... and the stage frequencies follow the truncated-log-normal masses (5 binomial sigmas).
+  p = np.array(sched.probabilities)
+  freq = np.bincount(stages, minlength=3) / len(stages)
+  np.testing.assert_array_less(np.abs(freq - p), 5 * np.sqrt(p * (1 - p) / len(stages)))
+  # Independent of the patch-size draw (another stream constant): no correlation with its uniforms.
+  u_patch = np.array([np.random.default_rng([3, 0x5EED, int(i)]).random() for i in steps[:5000]])
+  assert abs(np.corrcoef(u_patch, stages[:5000])[0, 1]) < 0.05
+
+
+def test_stage_schedule_from_config():
+  assert stages_lib.StageSchedule.from_config(tiny()) is None
+  sched = stages_lib.StageSchedule.from_config(tiny_multistage(**{"seed": 5}))
+  assert sched.boundaries == TINY_BOUNDARIES and sched.seed == 5 and sched.num_stages == 3
+
+
+# ---- the truncated σ distribution ----------------------------------------------------------------------
+
+
+def truncated_lognormal_cdf(sigma, lo, hi, P_mean=-1.2, P_std=1.2):
+  """CDF of ln σ ~ N(P_mean, P_std²) conditioned on lo < σ <= hi (float64, scipy)."""
+  def phi(s):
+    if s <= 0:
+      return 0.0
+    return 1.0 if s == math.inf else stats.norm.cdf((math.log(s) - P_mean) / P_std)
+  a, b = phi(lo), phi(hi)
+  return (stats.norm.cdf((np.log(sigma) - P_mean) / P_std) - a) / (b - a)
+
+
+@pytest.mark.parametrize("boundaries", [DEFAULT_BOUNDARIES, (40.0, 41.0), (1e-4, 2e-4)])
+def test_truncated_sigma_lies_in_its_stage_and_follows_the_truncated_log_normal(boundaries):
+  """Kolmogorov-Smirnov against the exact truncated CDF, for the authors' stages and for narrow stages far
+  in either tail (where a naive Φ(b) − Φ(a) in float32 loses every digit)."""
+  base = loss_lib.EDMNoise()
+  for k, (lo, hi) in enumerate(stages_lib.stage_bounds(boundaries)):
+    static = loss_lib.stage_noise(base, boundaries, k)
+    sigma, weight = jax.jit(lambda key, d=static: d.sample(key, 20_000))(jax.random.key(k))
+    traced, _ = jax.jit(lambda key, s: loss_lib.stage_noise(base, boundaries, s).sample(key, 20_000))(
+        jax.random.key(k), jnp.int32(k))
+    sigma, traced = np.asarray(sigma), np.asarray(traced)
+    # A traced stage draws what a static one does (up to XLA's constant folding of the bounds).
+    np.testing.assert_allclose(sigma, traced, rtol=1e-5)
+    # Every σ belongs to the stage by the network's own float32 rule.
+    assert (np.asarray(stage_of_sigma(sigma, boundaries)) == k).all(), (k, sigma.min(), sigma.max())
+    ks = stats.kstest(sigma.astype(np.float64), lambda s, lo=lo, hi=hi: truncated_lognormal_cdf(s, lo, hi))
+    assert ks.pvalue > 1e-3, (boundaries, k, ks)
+    np.testing.assert_allclose(weight, (sigma**2 + 0.25) / (sigma * 0.5)**2, rtol=1e-6)
+
+
+def test_truncated_sigma_moments_match_rejection_sampling():
+  """The authors' rejection sampler (log-normal draws kept when they fall in the stage), in numpy: the
+  closed-form draw has its mean and std of ln σ."""
+  rng = np.random.default_rng(0)
+  ln = rng.standard_normal(4_000_000) * 1.2 - 1.2
+  for k, (lo, hi) in enumerate(stages_lib.stage_bounds(DEFAULT_BOUNDARIES)):
+    kept = ln[(ln > math.log(lo) if lo > 0 else True) & (ln <= math.log(hi))]
+    ours = np.log(np.asarray(loss_lib.stage_noise(loss_lib.EDMNoise(), DEFAULT_BOUNDARIES, k).sample(
+        jax.random.key(10 + k), 200_000)[0], np.float64))
+    tol = 4 * kept.std() / math.sqrt(min(len(kept), len(ours)))
+    assert abs(ours.mean() - kept.mean()) < tol, (k, ours.mean(), kept.mean())
+    assert abs(ours.std() - kept.std()) < 0.02 * kept.std() + tol
+
+
+def test_stage_noise_needs_edm():
+  with pytest.raises(ValueError, match="edm.precond='edm'"):
+    loss_lib.stage_noise(loss_lib.VPNoise(), DEFAULT_BOUNDARIES, 0)
+
+
+# ---- Adam that skips unused decoders ---------------------------------------------------------------
+
+
+def torch_adam_reference(params, grads_per_step, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+  """PyTorch Adam semantics on a flat dict of numpy arrays: a parameter whose gradient is None in a step
+  is skipped (no update, no moment decay, its step counter does not advance)."""
+  state = {k: {"step": 0, "m": np.zeros_like(v), "v": np.zeros_like(v)} for k, v in params.items()}
+  params = {k: v.astype(np.float64).copy() for k, v in params.items()}
+  for grads in grads_per_step:
+    for k, g in grads.items():
+      if g is None:
+        continue
+      s = state[k]
+      s["step"] += 1
+      s["m"] = b1 * s["m"] + (1 - b1) * g
+      s["v"] = b2 * s["v"] + (1 - b2) * g * g
+      m_hat = s["m"] / (1 - b1**s["step"])
+      v_hat = s["v"] / (1 - b2**s["step"])
+      params[k] = params[k] - lr * m_hat / (np.sqrt(v_hat) + eps)
+  return params, state
+
+
+def test_stagewise_adam_matches_pytorch_adam_with_skipped_decoders():
+  """A run of stages 0, 2, 0, 0, 1, 2, 0: every decoder's bias correction counts its own steps."""
+  rng = np.random.default_rng(0)
+  params = {"enc": rng.standard_normal(5), "decs_0": rng.standard_normal(3), "decs_1": rng.standard_normal(4),
+            "decs_2": rng.standard_normal(2)}
+  schedule = [0, 2, 0, 0, 1, 2, 0]
+  grads = []
+  for stage in schedule:
+    grads.append({k: (rng.standard_normal(v.shape) if k == "enc" or k == f"decs_{stage}" else None)
+                  for k, v in params.items()})
+  want, torch_state = torch_adam_reference(params, grads)
+  tx = state_lib.stagewise_adam(3)
+  p = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+  opt = tx.init(p)
+  for stage, g in zip(schedule, grads):
+    # What the step computes: exact zeros for the decoders the stage does not run.
+    g = {k: jnp.zeros(params[k].shape, jnp.float32) if v is None else jnp.asarray(v, jnp.float32)
+         for k, v in g.items()}
+    u, opt = tx.update(g, opt, p, stage=stage)
+    p = jax.tree.map(lambda x, d: x - 1e-3 * d, p, u)
+  for k in params:
+    np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert int(opt.shared.count) == len(schedule)
+  assert [int(s.count) for s in opt.decoders] == [torch_state[f"decs_{k}"]["step"] for k in range(3)] == [4, 1, 2]
+  # Plain Adam (one global count, moments decayed on every step) would differ.
+  plain = optax.scale_by_adam()
+  q, s = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}, None
+  s = plain.init(q)
+  for g in grads:
+    g = {k: jnp.zeros(params[k].shape) if v is None else jnp.asarray(v, jnp.float32) for k, v in g.items()}
+    u, s = plain.update(g, s)
+    q = jax.tree.map(lambda x, d: x - 1e-3 * d, q, u)
+  assert not np.allclose(q["decs_2"], want["decs_2"], rtol=1e-4)
+
+
+def test_stagewise_adam_traced_stage_equals_static_and_needs_a_stage():
+  rng = np.random.default_rng(1)
+  p = {k: jnp.asarray(rng.standard_normal(3), jnp.float32) for k in ("enc", "decs_0", "decs_1")}
+  g = {k: jnp.asarray(rng.standard_normal(3), jnp.float32) for k in p}
+  tx = state_lib.stagewise_adam(2)
+  opt = tx.init(p)
+  for stage in (0, 1):
+    u_s, o_s = tx.update(g, opt, p, stage=stage)
+    u_t, o_t = jax.jit(lambda g, o, k: tx.update(g, o, p, stage=k))(g, opt, jnp.int32(stage))
+    for a, b in zip(jax.tree.leaves((u_s, o_s)), jax.tree.leaves((u_t, o_t))):
+      np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="stage"):
+    tx.update(g, opt, p)
+  with pytest.raises(ValueError, match="decs_2"):
+    state_lib.stagewise_adam(3).init(p)
+
+
+def _multistage_setup():
+  c = tiny_multistage()
+  model = create_model(c.model, img_resolution=R, img_channels=1, label_dim=0)
+  variables = init_params(model, jax.random.key(0))
+  # EDM zero-initialises the output layers: perturb every parameter so every decoder has gradients.
+  leaves, treedef = jax.tree.flatten(variables["params"])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  tx = state_lib.make_optimizer(c.train, 3)
+  state = state_lib.create_train_state(dict(variables, params=params), tx)
+  # A distinct EMA, so that the EMA update of the untouched decoders is visible.
+  state = state.replace(ema_params=jax.tree.map(lambda x: x + 1.0, state.params))
+  return c, model, tx, state
+
+
+def _ms_step(model, tx, state, cfg, stage=None, seed=0):
+  rng = np.random.default_rng(seed)
+  batch = {"image": rng.integers(0, 256, (8, R, R, 1), dtype=np.uint8), "label": np.zeros(8, np.int32)}
+  step = steps_lib.make_train_step(model.apply, tx, precond_lib.get_precond("edm"),
+                                   loss_lib.get_noise_distribution("edm"), cfg)
+  args = (state, batch, np.float32(1e-3), np.float32(0.9), jax.random.key(7))
+  return jax.device_get(jax.jit(step)(*args, *(() if stage is None else (jnp.int32(stage),))))
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_step_of_stage_k_leaves_other_decoders_and_their_adam_state_bit_identical(stage):
+  c, model, tx, state = _multistage_setup()
+  cfg = steps_lib.StepConfig(patch_size=8, resolution=R, stage_boundaries=TINY_BOUNDARIES, stage=stage)
+  new, metrics = _ms_step(model, tx, state, cfg)
+  assert np.isfinite(metrics["loss"])
+  for k in range(3):
+    name = f"decs_{k}"
+    old_p, new_p = state.params[name], new.params[name]
+    old_s, new_s = state.opt_state.decoders[k], new.opt_state.decoders[k]
+    same_p = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old_p), jax.tree.leaves(new_p))]
+    same_s = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(old_s), jax.tree.leaves(new_s))]
+    if k == stage:
+      assert not any(same_p) and int(new_s.count) == 1  # every tensor of the trained decoder moved
+    else:
+      assert all(same_p) and all(same_s) and int(new_s.count) == 0, name
+    # The EMA lerps every parameter, trained or not (as the authors' loop).
+    for e_old, e_new, p_new in zip(jax.tree.leaves(state.ema_params[name]), jax.tree.leaves(new.ema_params[name]),
+                                   jax.tree.leaves(new.params[name])):
+      np.testing.assert_allclose(e_new, 0.9 * e_old + 0.1 * p_new, rtol=1e-6, atol=1e-6)
+  shared_changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.params["enc_16x16_conv"]),
+                                                             jax.tree.leaves(new.params["enc_16x16_conv"]))]
+  assert all(shared_changed) and int(new.opt_state.shared.count) == 1
+
+
+def test_traced_stage_step_equals_static_stage_step():
+  """The two executable designs (a switch on a traced stage, or one executable per stage) train the
+  same thing."""
+  _, model, tx, state = _multistage_setup()
+  stage = 1
+  static = steps_lib.StepConfig(patch_size=8, resolution=R, stage_boundaries=TINY_BOUNDARIES, stage=stage)
+  traced = steps_lib.StepConfig(patch_size=8, resolution=R, stage_boundaries=TINY_BOUNDARIES)
+  a, ma = _ms_step(model, tx, state, static)
+  b, mb = _ms_step(model, tx, state, traced, stage=stage)
+  np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
+  np.testing.assert_allclose(ma["grad_norm"], mb["grad_norm"], rtol=1e-4)
+  # Adam's first step is ±lr wherever the gradient is not ~0, so compare the gradients it saw (the first
+  # moments, 0.1 g) rather than the parameters; the untouched decoders are exactly equal either way.
+  for x, y in zip(jax.tree.leaves(a.opt_state), jax.tree.leaves(b.opt_state)):
+    np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4 * float(np.max(np.abs(x))))
+  for k in (0, 2):
+    for x, y in zip(jax.tree.leaves(a.params[f"decs_{k}"]), jax.tree.leaves(b.params[f"decs_{k}"])):
+      np.testing.assert_array_equal(x, y)
+
+
+def test_single_decoder_step_refuses_a_stage():
+  with pytest.raises(ValueError, match="single-decoder"):
+    steps_lib._step_stage(steps_lib.StepConfig(patch_size=8, resolution=R), 1)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"edm.precond": "vp"}, "edm.precond"),
+    ({"model.stage_boundaries": (1.0, 0.5)}, "model.stage_boundaries"),
+    ({"model.stage_boundaries": (1.0,)}, "model"),
+])
+def test_bad_multistage_config_names_the_field(overrides, field):
+  with pytest.raises(ConfigError) as e:
+    experiment.build_experiment(tiny_multistage(**overrides), check_data=False)
+  assert e.value.field == field
