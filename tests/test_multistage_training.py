@@ -289,3 +289,172 @@ def test_bad_multistage_config_names_the_field(overrides, field):
   with pytest.raises(ConfigError) as e:
     experiment.build_experiment(tiny_multistage(**overrides), check_data=False)
   assert e.value.field == field
+
+
+# ---- the trainer end to end ----------------------------------------------------------------------
+
+
+def _restore(workdir, config):
+  exp = experiment.build_experiment(config)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state, meta = ckpt.restore(experiment.abstract_train_state(exp))
+  ckpt.close()
+  return jax.device_get(state), meta
+
+
+@pytest.fixture(scope="module")
+def multistage_run(tmp_path_factory):
+  """4 steps of the tiny 3-stage config (8 fake devices), a log line per step."""
+  c = tiny_multistage(**{"train.log_every_steps": 1})
+  c.train.total_kimg = steps_to_kimg(c, 4)
+  workdir = str(tmp_path_factory.mktemp("multistage"))
+  return c, workdir, train.train_and_evaluate(c, workdir)
+
+
+def test_multistage_run_trains_the_scheduled_stage_of_every_step(multistage_run):
+  c, workdir, result = multistage_run
+  assert result["step"] == 4 and np.isfinite(result["loss"])
+  sched = stages_lib.StageSchedule.from_config(c)
+  want = [sched.stage(i) for i in range(4)]
+  assert len(set(want)) >= 2  # the test visits several stages
+  records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  got = [[int(k.split("_")[-1]) for k in r if k.startswith("frac_steps_stage_")] for r in records]
+  assert got == [[s] for s in want]
+  # Each decoder's Adam count is the number of steps that trained it; the shared part counts them all.
+  state, _ = _restore(workdir, c)
+  assert [int(s.count) for s in state.opt_state.decoders] == [want.count(k) for k in range(3)]
+  assert int(state.opt_state.shared.count) == 4
+  # A stage never trained keeps its initial parameters exactly.
+  exp = experiment.build_experiment(c)
+  init = jax.device_get(experiment.initial_variables(exp, jax.random.split(jax.random.key(c.seed), 2)[0]))
+  for k in range(3):
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(init["params"][f"decs_{k}"]),
+                                                     jax.tree.leaves(state.params[f"decs_{k}"])))
+    assert same == (k not in want), k
+
+
+def test_multistage_interrupted_and_resumed_run_matches_uninterrupted(multistage_run, tmp_path):
+  c, workdir, _ = multistage_run
+  first = tiny_multistage(**{"train.log_every_steps": 1})
+  first.train.total_kimg = steps_to_kimg(first, 2)
+  assert train.train_and_evaluate(first, str(tmp_path))["step"] == 2
+  result = train.train_and_evaluate(c, str(tmp_path))
+  assert result["step"] == 4 and result["resumed_from"] == 2
+  a, meta_a = _restore(workdir, c)
+  b, meta_b = _restore(str(tmp_path), c)
+  assert meta_a["data_state"] == meta_b["data_state"]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_multistage_sample_mode(multistage_run):
+  c, workdir, _ = multistage_run
+  with np.load(generate.sample(c, workdir)) as f:
+    images = f["images"]
+  assert images.shape == (16, 16, 16, 1) and images.dtype == np.uint8 and images.std() > 0
+
+
+# ---- the sampler's decoder per step --------------------------------------------------------------------
+
+
+def _staged_denoiser(calls=None):
+  """A denoiser whose output depends on the stage it is asked for (and on σ, x and the label)."""
+  scale = jnp.asarray([0.3, 0.6, 0.9], jnp.float64)
+
+  def fn(x, sigma, x_pos, labels, stage=None):
+    assert isinstance(stage, int), "the sampler must pass a static stage"
+    if calls is not None:
+      calls.append((float(np.asarray(sigma)[0]) if not isinstance(sigma, jax.core.Tracer) else None, stage))
+    lab = 0.0 if labels is None else labels[:, :1, None, None]
+    return (scale[stage] * x / (1 + sigma[:, None, None, None]) + 0.2 * stage + 0.1 * lab
+            + 0.01 * x_pos[..., :1])
+  return fn
+
+
+def _manual_sampler(fn, latents, x_pos, labels, settings, noise, boundaries):
+  """EDM's Algorithm 2 as a Python loop over float64 numbers, picking each evaluation's decoder from its σ
+  (lo < σ <= hi) and doing CFG by hand."""
+  t = sampler_lib.sigma_steps(settings.num_steps, settings.sigma_min, settings.sigma_max, settings.rho)
+  gamma_max = min(settings.S_churn / settings.num_steps, math.sqrt(2) - 1)
+
+  def den(x, sigma):
+    stage = int(sum(sigma > b for b in boundaries))
+    s = jnp.full((x.shape[0],), sigma, x.dtype)
+    if settings.guidance == 1.0:
+      return fn(x, s, x_pos, labels, stage=stage)
+    d_u = fn(x, s, x_pos, jnp.zeros_like(labels), stage=stage)
+    return d_u + settings.guidance * (fn(x, s, x_pos, labels, stage=stage) - d_u)
+
+  x = latents * t[0]
+  for i in range(settings.num_steps):
+    gamma = gamma_max if settings.S_min <= t[i] <= settings.S_max and settings.S_churn > 0 else 0.0
+    t_hat = t[i] + gamma * t[i]
+    if settings.S_churn > 0:
+      x = x + math.sqrt(t_hat**2 - t[i]**2) * settings.S_noise * noise[i]
+    d = (x - den(x, t_hat)) / t_hat
+    x_next = x + (t[i + 1] - t_hat) * d
+    if settings.solver == "heun" and i < settings.num_steps - 1:
+      d2 = (x_next - den(x_next, t[i + 1])) / t[i + 1]
+      x_next = x + (t[i + 1] - t_hat) * (0.5 * d + 0.5 * d2)
+    x = x_next
+  return x
+
+
+@pytest.mark.parametrize("settings", [
+    sampler_lib.SamplerSettings(num_steps=12),
+    sampler_lib.SamplerSettings(num_steps=9, solver="euler"),
+    # Churn pushes t_hat of the step at σ = 1.92 over the boundary 2.51: that evaluation uses stage 1.
+    sampler_lib.SamplerSettings(num_steps=18, S_churn=40, S_min=0.05, S_max=50, guidance=2.0),
+])
+def test_sampler_runs_the_decoder_of_each_evaluations_sigma(settings):
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    latents = jnp.asarray(rng.standard_normal((2, 4, 4, 1)))
+    x_pos = jnp.asarray(rng.uniform(-1, 1, (2, 4, 4, 2)))
+    labels = jnp.asarray(np.eye(3)[[0, 2]])
+    noise = jnp.asarray(rng.standard_normal((settings.num_steps, 2, 4, 4, 1)))
+    fn = _staged_denoiser()
+    got = sampler_lib.edm_sample(fn, latents, x_pos, None, labels, settings, step_noise=noise,
+                                 stage_boundaries=DEFAULT_BOUNDARIES)
+    want = _manual_sampler(fn, latents, x_pos, labels, settings, noise, DEFAULT_BOUNDARIES)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-10, atol=1e-10)
+    # Every stage ran, and a decoder-blind sampler (all stage 0) differs by far more than the 1e-10 above
+    # (the ODE forgets much of its early steps, so not by much in absolute terms).
+    plan = sampler_lib.stage_plan(settings, DEFAULT_BOUNDARIES, np.float64)
+    assert {p[2] for p in plan} == {0, 1, 2}
+    blind = _manual_sampler(fn, latents, x_pos, labels, settings, noise, (1e9, 2e9))
+    assert np.abs(np.asarray(blind) - np.asarray(want)).max() > 1e-6
+
+
+def test_stage_plan_segments_cover_every_step_once():
+  settings = sampler_lib.SamplerSettings(num_steps=18, S_churn=40, S_min=0.05, S_max=50)
+  plan = sampler_lib.stage_plan(settings, DEFAULT_BOUNDARIES)
+  assert [p[:2] for p in plan] == [(0, 6), (6, 7), (7, 8), (8, 10), (10, 17), (17, 18)]
+  assert [p[2:] for p in plan] == [(2, 2), (2, 1), (1, 1), (1, 0), (0, 0), (0, None)]
+  t_hat, t_next = sampler_lib.evaluation_sigmas(settings)
+  for start, stop, first, second in plan:
+    for i in range(start, stop):
+      assert int(stage_of_sigma(t_hat[i], DEFAULT_BOUNDARIES)) == first
+      assert (second is None) == np.isnan(t_next[i])
+
+
+def test_network_sampling_with_static_stages_equals_the_networks_own_choice():
+  """The real MultistageUNet: static per-segment decoders (our sampler) against the network's run-time
+  choice from the first sample's σ (the authors' forward)."""
+  c = tiny_multistage()
+  model = create_model(c.model, img_resolution=R, img_channels=1, label_dim=0)
+  variables = init_params(model, jax.random.key(0))
+  leaves, treedef = jax.tree.flatten(variables["params"])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  variables = dict(variables, params=jax.tree.unflatten(
+      treedef, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+  den = precond_lib.make_denoiser(model.apply, variables, precond_lib.get_precond("edm"))
+  settings = sampler_lib.SamplerSettings(num_steps=6)
+  latents = jax.random.normal(jax.random.key(2), (2, R, R, 1))
+  from patch_diffusion.data import patches  # pylint: disable=g-import-not-at-top
+  pos = patches.full_grid(R)
+  static = jax.jit(lambda lat: sampler_lib.edm_sample(den, lat, pos, settings=settings,
+                                                      stage_boundaries=TINY_BOUNDARIES))(latents)
+  dynamic = jax.jit(lambda lat: sampler_lib.edm_sample(den, lat, pos, settings=settings))(latents)
+  assert {p[2] for p in sampler_lib.stage_plan(settings, TINY_BOUNDARIES)} == {0, 1, 2}
+  np.testing.assert_allclose(static, dynamic, rtol=1e-4, atol=1e-4)

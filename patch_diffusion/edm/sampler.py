@@ -192,7 +192,9 @@ def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, 
     t_hat = t_cur + gamma * t_cur
     eps = (step_noise[i].astype(dtype) if step_noise is not None
            else jax.random.normal(jax.random.fold_in(key, i), x.shape, dtype))
-    return x + jnp.sqrt(t_hat**2 - t_cur**2) * s.S_noise * eps, t_hat
+    # max(·, 0): where γ = 0, t_hat = t_cur and XLA may fuse t_hat² − t_cur² into an FMA whose result is the
+    # (possibly negative) rounding error of t_cur², and sqrt of that is NaN (seen in float64 on CPU).
+    return x + jnp.sqrt(jnp.maximum(t_hat**2 - t_cur**2, 0)) * s.S_noise * eps, t_hat
 
   def make_step(stage_first=None, stage_second=None):
     def step(i, x_cur):
