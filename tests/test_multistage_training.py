@@ -458,3 +458,75 @@ def test_network_sampling_with_static_stages_equals_the_networks_own_choice():
   dynamic = jax.jit(lambda lat: sampler_lib.edm_sample(den, lat, pos, settings=settings))(latents)
   assert {p[2] for p in sampler_lib.stage_plan(settings, TINY_BOUNDARIES)} == {0, 1, 2}
   np.testing.assert_allclose(static, dynamic, rtol=1e-4, atol=1e-4)
+
+
+# ---- converting the authors' checkpoints -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def authors_state_dict(fixtures_dir, tmp_path_factory):
+  """The fixture's state dict (its ``param/`` keys) as an .npz of PyTorch names, and the fixture."""
+  data = np.load(fixtures_dir / "multistage" / "multistage_uncond.npz")
+  path = tmp_path_factory.mktemp("authors") / "multistage_state_dict.npz"
+  np.savez(path, **{k[len("param/"):]: data[k] for k in data.files if k.startswith("param/")})
+  meta = json.loads((fixtures_dir / "multistage" / "multistage_uncond.json").read_text())
+  return path, data, meta
+
+
+def test_convert_torch_reads_the_authors_multistage_state_dict(authors_state_dict, tmp_path):
+  from patch_diffusion.interop import edm_checkpoint  # pylint: disable=g-import-not-at-top
+  from patch_diffusion.tools import convert_torch  # pylint: disable=g-import-not-at-top
+  path, data, meta = authors_state_dict
+  class_name, kwargs = edm_checkpoint.infer_network_kwargs(
+      {k[len("param/"):]: data[k] for k in data.files if k.startswith("param/")})
+  ctor = meta["constructor"]
+  assert class_name == "MultistageUNet"
+  assert kwargs["decoder_channels"] == tuple(ctor["de_model_channels"])
+  assert kwargs["model_channels"] == ctor["en_model_channels"]
+  assert kwargs["channel_mult"] == tuple(ctor["channel_mult"]) and kwargs["num_blocks"] == ctor["num_blocks"]
+  assert kwargs["attn_resolutions"] == tuple(ctor["attn_resolutions"])
+  dst = tmp_path / "converted"
+  assert convert_torch.main([str(path), str(dst)]) == 0
+  variables, config = checkpointing.load_pretrained(str(dst))
+  assert config.model.arch == "ddpmpp-multistage"
+  assert tuple(config.model.stage_boundaries) == DEFAULT_BOUNDARIES  # the fixture's stage_interval
+  assert sum(np.size(x) for x in jax.tree.leaves(variables["params"])) == meta["num_params"]
+  # The converted network reproduces the authors' raw output of every stage (from σ, inside jit).
+  model = create_model(config.model, img_resolution=16, img_channels=3, label_dim=0)
+  for k in range(3):
+    g = f"stage{k}_s16/"
+    x = np.transpose(data[g + "x_in"], (0, 2, 3, 1))
+    out = jax.jit(model.apply)(variables, x, data[g + "noise_labels"], None)
+    ref = np.transpose(data[g + "F"], (0, 2, 3, 1))
+    assert np.abs(np.asarray(out) - ref).max() / np.abs(ref).max() < 1e-4, k
+  # Boundaries a bare state dict cannot record are a flag.
+  assert convert_torch.main([str(path), str(tmp_path / "other"), "--stage_boundaries", "1,5"]) == 0
+  _, other = checkpointing.load_pretrained(str(tmp_path / "other"))
+  assert tuple(other.model.stage_boundaries) == (1.0, 5.0)
+
+
+def test_recorded_multistage_constructor_kwargs_are_read():
+  from patch_diffusion.interop import edm_checkpoint, torch_formats  # pylint: disable=g-import-not-at-top
+  net = torch_formats.TorchNetwork({}, class_name="EDMPrecond", init_kwargs=dict(
+      img_resolution=32, img_channels=3, label_dim=0, use_fp16=False, sigma_data=0.5, model_type="MultistageUNet",
+      en_model_channels=128, de_model_channels=[192, 128, 16], stage_num=3,
+      stage_interval=[[[0, 1.5]], [[1.5, 6.0]], [[6.0, float("inf")]]], channel_mult=[2, 2, 2]))
+  cls, kw, precond = edm_checkpoint._wrapper_settings(net)  # pylint: disable=protected-access
+  assert cls == "MultistageUNet" and precond == {"precond": "edm", "sigma_data": 0.5}
+  assert kw["model_channels"] == 128 and kw["decoder_channels"] == (192, 128, 16)
+  assert kw["stage_boundaries"] == (1.5, 6.0) and "stage_num" not in kw
+
+
+def test_converted_multistage_network_samples_through_sample_mode(authors_state_dict, tmp_path):
+  from patch_diffusion.tools import convert_torch  # pylint: disable=g-import-not-at-top
+  path, _, _ = authors_state_dict
+  dst = tmp_path / "converted"
+  assert convert_torch.main([str(path), str(dst)]) == 0
+  c = tiny(**{"sample.pretrained": str(dst), "sample.num_samples": 8, "sample.batch_size": 8,
+              "sample.num_steps": 6})
+  exp = experiment.build_experiment(experiment.merge_pretrained(c, checkpointing.load_pretrained(str(dst))[1]),
+                                    check_data=False)
+  assert exp.stage_boundaries == DEFAULT_BOUNDARIES  # the sampler gets the converted network's stages
+  with np.load(generate.sample(c, str(tmp_path / "fresh_workdir"))) as f:
+    images = f["images"]
+  assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0

@@ -9,6 +9,10 @@ a state dict; it only matters for fine-tuning.
 
 Plain EDM networks (``EDMPrecond`` / ``VPPrecond`` / ``VEPrecond``, no coordinate channels) are converted
 with zero weights for the two coordinate input channels, so they compute exactly what the original does.
+
+Multi-stage networks (Zhang et al. 2024, ``MultistageUNet``: decoders ``decs.<k>.``) become
+``arch='ddpmpp-multistage'``; their stage boundaries come from the recorded ``stage_interval``, an override,
+or (3 decoders, nothing recorded) the authors' defaults.
 """
 from __future__ import annotations
 
@@ -26,8 +30,12 @@ import numpy as np
 from patch_diffusion.interop import torch_formats
 from patch_diffusion.interop.torch_mapping import torch_state_dict_to_variables
 from patch_diffusion.models import registry
+from patch_diffusion.models.multistage_unet import (DEFAULT_STAGE_BOUNDARIES, boundaries_from_stage_interval,
+                                                   check_stage_boundaries)
 
-MODEL_FIELDS = tuple(registry.DEFAULTS) + ("arch", "dtype")
+MODEL_FIELDS = tuple(registry.DEFAULTS) + tuple(registry.MULTISTAGE_DEFAULTS) + ("arch", "dtype")
+#: The authors' MultistageUNet constructor names -> ours.
+_MULTISTAGE_KWARGS = {"en_model_channels": "model_channels", "de_model_channels": "decoder_channels"}
 _PRECONDS = {"Patch_EDMPrecond": "edm", "EDMPrecond": "edm", "VPPrecond": "vp", "VEPrecond": "ve"}
 # Constructor kwargs of the precond wrappers that are not network fields.
 _WRAPPER_KWARGS = ("img_resolution", "img_channels", "out_channels", "label_dim", "use_fp16", "model_type",
@@ -67,14 +75,42 @@ def _taps_from_filter(f2d: np.ndarray) -> tuple[int, ...]:
   return tuple(int(t) for t in rounded)
 
 
+def _infer_multistage(sd: Mapping[str, np.ndarray]) -> Optional[tuple[str, dict[str, Any]]]:
+  """A ``MultistageUNet`` state dict (decoders ``decs.<k>.``): its shared part and decoder 0 read as a
+  SongUNet, plus ``decoder_channels``; None for other networks. The stage boundaries are constructor
+  arguments, not tensors: they come from recorded kwargs or the caller."""
+  stages = sorted({int(m.group(1)) for k in sd if (m := re.match(r"decs\.(\d+)\.", k))})
+  if not stages:
+    return None
+  if stages != list(range(len(stages))):
+    raise ValueError(f"multi-stage state dict with decoders {stages}; expected decs.0 .. decs.{len(stages) - 1}")
+  view = {k: v for k, v in sd.items() if not k.startswith("decs.")}
+  view.update({"dec." + k[len("decs.0."):]: v for k, v in sd.items() if k.startswith("decs.0.")})
+  _, kwargs = infer_network_kwargs(view)
+  res0, mult0 = kwargs["img_resolution"], kwargs["channel_mult"][0]
+  widths = []
+  for k in stages:
+    key = f"decs.{k}.{res0}x{res0}_block0.conv0.weight"
+    if key not in sd or sd[key].shape[0] % mult0:
+      raise ValueError(f"cannot infer the width of decoder {k} from {key}")
+    widths.append(int(sd[key].shape[0]) // mult0)
+  kwargs["decoder_channels"] = tuple(widths)
+  return "MultistageUNet", kwargs
+
+
 def infer_network_kwargs(state_dict: Mapping[str, np.ndarray]) -> tuple[str, dict[str, Any]]:
   """Reads the architecture off the tensor names and shapes of an EDM network state dict.
 
   Returns:
-    ``(class_name, kwargs)``: 'SongUNet' or 'DhariwalUNet' and EDM constructor kwargs including
-    ``img_resolution``, ``in_channels``, ``out_channels``, ``label_dim`` (no ``dropout``).
+    ``(class_name, kwargs)``: 'SongUNet', 'DhariwalUNet' or 'MultistageUNet' (the authors' multi-stage
+    U-Net: decoders ``decs.<k>.``; kwargs then include ``decoder_channels``, never ``stage_boundaries``)
+    and EDM constructor kwargs including ``img_resolution``, ``in_channels``, ``out_channels``,
+    ``label_dim`` (no ``dropout``).
   """
   sd = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in state_dict.items()}
+  multistage = _infer_multistage(sd)
+  if multistage is not None:
+    return multistage
   first = [k for k in sd if re.fullmatch(r"enc\.(\d+)x\1_conv\.weight", k)]
   if len(first) != 1:
     raise ValueError("not an EDM network state dict: expected one 'enc.<R>x<R>_conv.weight', "
@@ -131,6 +167,8 @@ def infer_network_kwargs(state_dict: Mapping[str, np.ndarray]) -> tuple[str, dic
 def _arch_for(class_name: str, kwargs: Mapping[str, Any]) -> str:
   if class_name == "DhariwalUNet":
     return "adm"
+  if class_name == "MultistageUNet":
+    return "ddpmpp-multistage"  # every field is set verbatim (arch_presets off), Fourier embedding too
   return "ncsnpp" if kwargs.get("embedding_type") == "fourier" else "ddpmpp"
 
 
@@ -143,15 +181,16 @@ def _wrapper_settings(net: torch_formats.TorchNetwork) -> tuple[Optional[str], d
   if kw.get("implicit_mlp"):
     raise ValueError("Patch Diffusion's implicit_mlp coordinate encoder is not supported")
   kw.pop("implicit_mlp", None)
-  if cls in ("SongUNet", "DhariwalUNet"):  # a bare network
-    return cls, {k: v for k, v in kw.items() if k != "label_dropout"}, {}
+  if cls in ("SongUNet", "DhariwalUNet", "MultistageUNet"):  # a bare network
+    return cls, _multistage_kwargs({k: v for k, v in kw.items() if k != "label_dropout"}), {}
   if cls not in _PRECONDS:
     raise ValueError(f"unsupported network class {cls!r}; expected one of {sorted(_PRECONDS)}, "
-                     "SongUNet or DhariwalUNet (iDDPMPrecond is not supported)")
+                     "SongUNet, DhariwalUNet or MultistageUNet (iDDPMPrecond is not supported)")
   precond = _PRECONDS[cls]
   model_type = kw.get("model_type", "SongUNet" if precond in ("vp", "ve") else "DhariwalUNet")
-  if model_type not in ("SongUNet", "DhariwalUNet"):
+  if model_type not in ("SongUNet", "DhariwalUNet", "MultistageUNet"):
     raise ValueError(f"unsupported model_type {model_type!r}")
+  kw = _multistage_kwargs(kw) if model_type == "MultistageUNet" else kw
   for name, value in _FIXED_PRECOND.get(precond, {}).items():
     if name in kw and not math.isclose(float(kw[name]), value):
       raise ValueError(f"{cls} with {name}={kw[name]} is not supported (this project fixes {name}={value})")
@@ -164,6 +203,20 @@ def _wrapper_settings(net: torch_formats.TorchNetwork) -> tuple[Optional[str], d
   if "sigma_data" in kw:
     settings["sigma_data"] = float(kw["sigma_data"])
   return model_type, net_kw, settings
+
+
+def _multistage_kwargs(kw: dict) -> dict:
+  """The authors' MultistageUNet kwargs (``en_model_channels``, ``de_model_channels``, ``stage_num``,
+  ``stage_interval``) in our names (``model_channels``, ``decoder_channels``, ``stage_boundaries``)."""
+  kw = {_MULTISTAGE_KWARGS.get(k, k): v for k, v in kw.items()}
+  num = kw.pop("stage_num", None)
+  if "stage_interval" in kw:
+    kw["stage_boundaries"] = boundaries_from_stage_interval(kw.pop("stage_interval"))
+  if "decoder_channels" in kw:
+    kw["decoder_channels"] = tuple(int(v) for v in kw["decoder_channels"])
+    if num is not None and int(num) != len(kw["decoder_channels"]):
+      raise ValueError(f"stage_num={num} but {len(kw['decoder_channels'])} de_model_channels")
+  return kw
 
 
 def parse_value(text: str) -> Any:
@@ -221,7 +274,8 @@ def _apply_network_overrides(class_name: str, kwargs: dict, overrides: dict) -> 
     (class name, image channels C, coordinate channels to add: 2 for a plain EDM network, else 0).
   """
   if "arch" in overrides:
-    class_name = "DhariwalUNet" if overrides.pop("arch") == "adm" else "SongUNet"
+    arch = overrides.pop("arch")
+    class_name = {"adm": "DhariwalUNet", "ddpmpp-multistage": "MultistageUNet"}.get(arch, "SongUNet")
   img_channels = overrides.pop("img_channels", None)
   for name in ("img_resolution", "label_dim"):
     if name in overrides:
@@ -249,8 +303,20 @@ def _fill_model(m: ml_collections.ConfigDict, class_name: str, kwargs: Mapping[s
                                                          "resample_filter") else value
     elif name in registry.SONG_ONLY and class_name == "DhariwalUNet":
       m[name] = registry.DEFAULTS[name]
+  if class_name == "MultistageUNet":
+    m.decoder_channels = tuple(int(v) for v in kwargs["decoder_channels"])
+    boundaries = kwargs.get("stage_boundaries")
+    if boundaries is None:
+      # A bare state dict does not record the boundaries (constructor arguments); the authors released
+      # only their defaults.
+      if len(m.decoder_channels) != len(DEFAULT_STAGE_BOUNDARIES) + 1:
+        raise ValueError(f"the multi-stage network has {len(m.decoder_channels)} decoders and the file does not "
+                         f"record its stage boundaries; pass --stage_boundaries (K - 1 σ values)")
+      boundaries = DEFAULT_STAGE_BOUNDARIES
+    m.stage_boundaries = check_stage_boundaries(boundaries, len(m.decoder_channels))
   unknown = sorted(set(kwargs) - set(registry.DEFAULTS) - {"img_resolution", "in_channels", "out_channels",
-                                                            "label_dim", "arch", "dtype"})
+                                                            "label_dim", "arch", "dtype"}
+                   - (set(registry.MULTISTAGE_DEFAULTS) if class_name == "MultistageUNet" else set()))
   if unknown:
     raise ValueError(f"unsupported network kwargs {unknown}")
   if "dtype" in kwargs:

@@ -1,8 +1,9 @@
 """Convert a PyTorch EDM / Patch Diffusion network into a Flax network directory (without torch).
 
-    python -m patch_diffusion.tools.convert_torch SRC DST [--arch ddpmpp|ncsnpp|adm]
+    python -m patch_diffusion.tools.convert_torch SRC DST [--arch ddpmpp|ncsnpp|adm|ddpmpp-multistage]
         [--img_resolution R] [--img_channels C] [--label_dim L] [--key ema]
         [--model_channels N --channel_mult 1,2,2,2 ... (any config.model field)]
+        [--decoder_channels 192,128,16 --stage_boundaries 2.5103,7.6577 (multi-stage networks)]
         [--set section.field=value ...]
 
 SRC is an EDM / Patch Diffusion ``network-snapshot-*.pkl`` (the ``ema`` network by default, ``--key``
@@ -38,13 +39,20 @@ def _int_list(text: str) -> tuple[int, ...]:
   return tuple(int(v) for v in text.replace("(", "").replace(")", "").split(",") if v.strip())
 
 
+def _float_list(text: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in text.replace("(", "").replace(")", "").split(",") if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m patch_diffusion.tools.convert_torch",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("src", type=cli.existing_file, help="network-snapshot-*.pkl, .pt/.pth or .npz")
   p.add_argument("dst", help="output directory (Orbax variables + config.json)")
   p.add_argument("--key", default="ema", help="snapshot entry holding the network (default: ema)")
-  p.add_argument("--arch", choices=sorted(registry.ARCH_PRESETS))
+  p.add_argument("--arch", choices=registry.archs())
   p.add_argument("--img_resolution", type=cli.positive_int)
   p.add_argument("--img_channels", type=cli.positive_int,
                  help="image channels C (without the 2 coordinate channels)")
@@ -53,6 +61,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   for name, default in registry.DEFAULTS.items():
     kind = _int_list if isinstance(default, tuple) else type(default)
     p.add_argument(f"--{name}", type=kind)
+  p.add_argument("--decoder_channels", type=_int_list,
+                 help="multi-stage networks: decoder base widths (read off the tensors by default)")
+  p.add_argument("--stage_boundaries", type=_float_list,
+                 help="multi-stage networks: the K-1 σ values between stages; a bare state dict does not "
+                      "record them (default: the authors' 2.5103,7.6577 for 3 decoders)")
   p.add_argument("--dtype", choices=sorted(registry.DTYPES))
   p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                  help="any other config value, e.g. --set data.name=celeb_a (repeatable)")
@@ -62,7 +75,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(sys.argv[1:] if argv is None else argv)
   overrides: dict[str, Any] = {}
-  for name in ("arch", "img_resolution", "img_channels", "label_dim", "dtype", *registry.DEFAULTS):
+  for name in ("arch", "img_resolution", "img_channels", "label_dim", "dtype", *registry.DEFAULTS,
+               *registry.MULTISTAGE_DEFAULTS):
     value = getattr(args, name)
     if value is not None:
       overrides[name] = value
@@ -80,6 +94,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
   print(f"converted {args.src} -> {args.dst}: {m.arch} ({n_params / 1e6:.2f} M parameters), "
         f"{config.data.resolution}x{config.data.resolution}x{config.data.num_channels}, "
         f"labels={config.data.use_labels}, precond={config.edm.precond}")
+  if m.decoder_channels:
+    print(f"  multi-stage: decoders {tuple(m.decoder_channels)}, stage boundaries {tuple(m.stage_boundaries)} "
+          f"(a bare state dict does not record them: check they are the checkpoint's, else pass "
+          f"--stage_boundaries)")
   return 0
 
 
