@@ -530,3 +530,66 @@ def test_converted_multistage_network_samples_through_sample_mode(authors_state_
   with np.load(generate.sample(c, str(tmp_path / "fresh_workdir"))) as f:
     images = f["images"]
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
+
+
+# ---- the stage-boundaries tool -----------------------------------------------------------------------
+
+
+def test_authors_boundaries_are_vp_times_0442_and_0636():
+  from patch_diffusion.edm import stage_boundaries as sb  # pylint: disable=g-import-not-at-top
+  assert sb.vp_time(2.5103) == pytest.approx(0.442, abs=5e-5)
+  assert sb.vp_time(7.6577) == pytest.approx(0.636, abs=5e-5)
+  np.testing.assert_allclose(float(precond_lib.VPPrecond().sigma(sb.vp_time(3.0))), 3.0, rtol=1e-5)
+
+
+def test_ideal_denoiser_and_similarity_curves_against_brute_force():
+  from patch_diffusion.edm import stage_boundaries as sb  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  data = rng.uniform(-1, 1, (40, 12))
+  x = rng.standard_normal((3, 12))
+  for sigma in (0.05, 0.7, 30.0):
+    logw = np.array([[-np.sum((xi - yi)**2) / (2 * sigma**2) for yi in data] for xi in x])
+    w = np.exp(logw - logw.max(1, keepdims=True))
+    want = (w / w.sum(1, keepdims=True)) @ data
+    np.testing.assert_allclose(sb.ideal_denoiser(x, sigma, data), want, rtol=1e-12, atol=1e-12)
+  idx, z = np.array([0, 5, 7]), rng.standard_normal((3, 12))
+  sigmas = np.geomspace(0.01, 50, 9)
+  s0, s1 = sb.similarity_curves(data, idx, z, sigmas, delta=0.05)
+  for g, sigma in enumerate(sigmas):
+    den = sb.ideal_denoiser(data[idx] + sigma * z, sigma, data)
+    eps = (data[idx] + sigma * z - den) / sigma
+    assert s0[g] == pytest.approx(np.mean(np.abs(eps - z) < 0.05))
+    assert s1[g] == pytest.approx(np.mean(np.abs(eps - (data[idx] + sigma * z - data.mean(0)) / sigma) < 0.05))
+  assert s0[0] == 1.0 and s1[-1] == 1.0  # the two limits
+
+
+def test_pick_boundaries_interpolates_the_crossings_and_rejects_bad_curves():
+  from patch_diffusion.edm import stage_boundaries as sb  # pylint: disable=g-import-not-at-top
+  sigmas = np.array([0.1, 1.0, 10.0, 100.0])
+  b1, b2 = sb.pick_boundaries(sigmas, [1.0, 0.8, 0.3, 0.5], [0.0, 0.2, 0.8, 1.0], eta=0.9)
+  assert b1 == pytest.approx(math.exp(math.log(0.1) + 0.5 * math.log(10)))   # halfway 1.0 -> 0.8
+  assert b2 == pytest.approx(math.exp(math.log(10.0) + 0.5 * math.log(10)))  # halfway 0.8 -> 1.0
+  with pytest.raises(ValueError, match="never below"):
+    sb.pick_boundaries(sigmas, [1.0] * 4, [0.0, 0.2, 0.8, 1.0], eta=0.9)
+  with pytest.raises(ValueError, match="overlap"):
+    sb.pick_boundaries(sigmas, [1.0, 1.0, 0.95, 0.5], [0.0, 0.95, 1.0, 1.0], eta=0.9)
+
+
+def test_stage_boundaries_tool_on_the_embedded_digits(tmp_path, capsys):
+  """A tiny sample (300 references, 16 samples, 31 σ): the tool runs and gives increasing boundaries
+  inside the σ range, and a bad argument ends in one line."""
+  from patch_diffusion.tools import stage_boundaries  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "curves.json"
+  args = ["--config", os.path.join(root, "configs", "digits.py"), "--num_samples", "16", "--max_reference", "300",
+          "--num_sigmas", "31", "--out", str(out)]
+  assert stage_boundaries.main(args) == 0
+  printed = capsys.readouterr().out
+  assert "stage boundaries:" in printed and "--config.model.stage_boundaries=" in printed
+  result = json.loads(out.read_text())
+  b1, b2 = result["boundaries"]
+  assert 0.002 < b1 < b2 < 80.0
+  assert len(result["s0"]) == len(result["s1"]) == 31
+  with pytest.raises(SystemExit):  # argparse: usage + one error line, exit 2
+    stage_boundaries.main(args[:-2] + ["--eta", "1.5"])
+  assert "--eta: must lie in (0, 1)" in capsys.readouterr().err
