@@ -229,3 +229,18 @@ def test_converted_latent_network_samples_decoded_images(fixtures_dir, tmp_path)
   assert images.shape == (4, 128, 128, 3) and images.dtype == np.uint8  # 16x16x4 latents, 8x VAE
   assert np.all(labels == 2) and images.std() > 0
   assert (tmp_path / "work" / "samples.png").is_file()
+
+
+def test_convert_torch_converts_a_vae_with_legacy_names(fixtures_dir, tmp_path, capsys):
+  from patch_diffusion.tools import convert_torch  # pylint: disable=g-import-not-at-top
+  src = tmp_path / "legacy"
+  src.mkdir()
+  (src / "config.json").write_text((fixtures_dir / "sd_vae" / "config.json").read_text())
+  (src / "diffusion_pytorch_model.safetensors").write_bytes(
+      (fixtures_dir / "sd_vae" / "legacy_attention_names.safetensors").read_bytes())
+  assert convert_torch.main([str(src), str(tmp_path / "vae")]) == 0
+  assert "use it with --config.model.vae=" in capsys.readouterr().out
+  _, converted = diffusers_vae.load_vae(tmp_path / "vae")
+  _, reference = diffusers_vae.load_vae(fixtures_dir / "sd_vae")
+  for a, b in zip(jax.tree.leaves(converted), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)
