@@ -114,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every_steps = 100
   t.checkpoint_every_steps = 5000
   t.keep_checkpoints = 3
+  t.checkpoint_dir = ""       # '' = <workdir>/checkpoints; e.g. a local disk while logs go to gs://
   # A checkpoint whose files differ from its manifest is never restored. False (default): stop with an
   # error naming the damaged file. True: move damaged checkpoints to <workdir>/checkpoints_damaged/ and
   # resume from the newest intact one.

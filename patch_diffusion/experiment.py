@@ -278,6 +278,11 @@ def merge_pretrained(config: ml_collections.ConfigDict,
   return merged
 
 
+def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """``train.checkpoint_dir`` or ``<workdir>/checkpoints`` (local or ``gs://``)."""
+  return config.train.checkpoint_dir or f"{str(workdir).rstrip('/')}/checkpoints"
+
+
 def load_ema_variables(config: ml_collections.ConfigDict, workdir: str, *, step: int = -1,
                        pretrained: str = "", need_data: bool = False) -> tuple[Experiment, dict, dict]:
   """Builds the experiment and loads the EMA network that ``--mode=sample`` and ``--mode=eval`` use.
@@ -304,7 +309,7 @@ def load_ema_variables(config: ml_collections.ConfigDict, workdir: str, *, step:
     variables = jax.device_put(variables, parallel.replicated(exp.mesh))
     return exp, variables, {"step": None, "nimg": None, "source": os.path.abspath(pretrained)}
   exp = build_experiment(config, check_data=not config.patch.latent)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpointing.Checkpointer(checkpoint_dir(config, workdir))
   if ckpt.latest_step() is None:
     raise checkpointing.CheckpointError(
         f"no checkpoint in {ckpt.directory}; train first (--mode=train) or pass "

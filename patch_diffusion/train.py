@@ -9,7 +9,6 @@ on log and checkpoint steps.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 from typing import Callable, Optional, Sequence
 
@@ -114,7 +113,8 @@ def _start(exp: experiment_lib.Experiment, workdir: str, with_index: bool) -> ho
   """Writer, checkpointer, initial or restored state, positioned input iterator: the Run before step 1."""
   config, tcfg = exp.config, exp.config.train
   writer = writers.MetricWriter(workdir)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(experiment_lib.checkpoint_dir(config, workdir),
+                                    max_to_keep=tcfg.keep_checkpoints)
   logging.info("dataset %s: %d images, %dx%dx%d, %d classes", exp.info.name, exp.info.num_examples,
                exp.resolution, exp.resolution, exp.channels, exp.num_classes)
   k_init, k_train = jax.random.split(jax.random.key(config.seed), 2)
