@@ -1,7 +1,7 @@
 """Every knob of patch_diffusion, with its default. Experiment files import this and override.
 
 Sizes are in pixels (or latent pixels), counts of images in kimg (thousands of *counted* images:
-a step at patch size s counts ``batch_size * batch_mul(s)`` images, METHOD.md §1).
+a step at patch size s counts ``batch_size * batch_mul(s)`` images, docs/METHOD.md, "Training").
 """
 import ml_collections
 

@@ -1,5 +1,5 @@
 """ImageNet-256, class-conditional latent Patch Diffusion (ADM on 32×32×4 SD-VAE latents): the paper's
-flagship setting, with the official command's settings (METHOD.md §4, §6).
+flagship setting, with the official command's settings (docs/METHOD.md, "Latent space" and "Numbers").
 
 Official command (PyTorch, latent_diffusion): ADM (model_channels 192, cres 1,2,3,4, 3 blocks, attention
 at 32/16/8), batch 4096, lr 1e-4, 2500 Mimg, fp16 with loss scale 100 (here: bf16 compute, float32

@@ -1,5 +1,5 @@
 """LSUN-Bedroom-256 / Church-256, unconditional latent Patch Diffusion (ADM on 32×32×4 SD-VAE latents),
-with the official command's settings (METHOD.md §6).
+with the official command's settings (docs/METHOD.md, "Numbers").
 
 Official command: ADM, batch 1024, lr 1e-4, dropout 0.10, 200 Mimg, EMA half-life 50 Mimg, real_p 0.5,
 latent patch sizes 16 and 32; VAE ``stabilityai/sd-vae-ft-ema`` (latents = 0.18215 · posterior sample).

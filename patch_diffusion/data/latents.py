@@ -2,7 +2,7 @@
 
 The official code encodes every minibatch with the Stable Diffusion VAE on every step
 (``latent_dist.sample() * 0.18215``). Encoding once and drawing ``mean + std * eps`` per step gives the
-same distribution for a fraction of the cost (METHOD.md §4): this module stores, per image, the
+same distribution for a fraction of the cost (docs/METHOD.md, "Latent space"): this module stores, per image, the
 posterior mean and standard deviation at R/f (f = the VAE's downsampling factor, 8 for SD) and serves
 them through the same grain pipeline as images; the train step draws the posterior sample
 (``steps.py``) and everything downstream (patch crop, coordinates, batch multiplier) is one code path.

@@ -1,6 +1,6 @@
 """Patch-size schedules (host side) and the per-sample random crop with coordinate channels (device side).
 
-Patch Diffusion (METHOD.md §1) trains on random square patches of side ``s`` cut from full-resolution
+Patch Diffusion (docs/METHOD.md, "Training") trains on random square patches of side ``s`` cut from full-resolution
 images of side ``R``, with two extra input channels giving each pixel's location in the full image.
 Per step one size is used; a step with a smaller patch draws proportionally more images (the batch
 multiplier), so the image counter advances faster than the step count.
