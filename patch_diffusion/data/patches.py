@@ -225,10 +225,10 @@ class PatchSchedule:
     return cls(
         int(config.data.resolution), p.schedule, float(p.real_p), bool(p.latent), int(config.seed),
         min_divisor=2 ** (len(config.model.channel_mult) - 1),
-        multigrid_long_cycle=tuple(float(f) for f in p.get("multigrid_long_cycle", (0.25, 0.5, 1.0))),
-        multigrid_short_cycle=bool(p.get("multigrid_short_cycle", False)),
-        multigrid_final_fraction=float(p.get("multigrid_final_fraction", 0.2)),
-        multigrid_lr_scaling=str(p.get("multigrid_lr_scaling", "linear")))
+        multigrid_long_cycle=tuple(float(f) for f in p.multigrid_long_cycle),
+        multigrid_short_cycle=bool(p.multigrid_short_cycle),
+        multigrid_final_fraction=float(p.multigrid_final_fraction),
+        multigrid_lr_scaling=str(p.multigrid_lr_scaling))
 
   # ---- the step plan: what the loop uses -------------------------------------------------------------
 
