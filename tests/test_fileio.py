@@ -27,37 +27,46 @@ from patch_diffusion.evaluation import inception_weights
 from helpers import steps_to_kimg, tiny
 
 
+class _FakeGCS(LocalFileSystem):
+  """``gs://<path>`` -> ``<root>/<path>``; ``root`` is set per test by the fixture.
+
+  One class for the whole module, the root a class attribute: etils.epath caches one filesystem instance
+  per protocol for the life of the process (``functools.lru_cache``), so an instance made in an earlier
+  test of the same worker must follow the current test's root.
+  """
+  protocol = ("gs", "gcs")
+  root_marker = ""
+  root: pathlib.Path | None = None
+
+  def __init__(self, *args, finalize_on_close=False, **kwargs):  # pylint: disable=unused-argument
+    super().__init__(*args, **kwargs)
+
+  @classmethod
+  def _strip_protocol(cls, path):
+    path = str(path)
+    for prefix in ("gs://", "gcs://"):
+      if path.startswith(prefix):
+        assert cls.root is not None, "gs:// used outside the fake_gcs fixture"
+        return str(cls.root / path[len(prefix):])
+    return super()._strip_protocol(path)
+
+
 @pytest.fixture()
 def fake_gcs(tmp_path):
   """``gs://<path>`` -> ``<tmp>/gcs/<path>`` for etils.epath (and everything that goes through it)."""
   root = tmp_path / "gcs"
   root.mkdir()
-
-  class FakeGCS(LocalFileSystem):
-    protocol = ("gs", "gcs")
-    root_marker = ""
-
-    def __init__(self, *args, finalize_on_close=False, **kwargs):  # pylint: disable=unused-argument
-      super().__init__(*args, **kwargs)
-
-    @classmethod
-    def _strip_protocol(cls, path):
-      path = str(path)
-      for prefix in ("gs://", "gcs://"):
-        if path.startswith(prefix):
-          return str(root / path[len(prefix):])
-      return super()._strip_protocol(path)
-
+  _FakeGCS.root = root
   fsspec_registry = sys.modules["fsspec.registry"]  # fsspec.registry the attribute is a read-only view
   previous = {p: fsspec_registry._registry.get(p) for p in ("gs", "gcs")}  # pylint: disable=protected-access
   for proto in previous:
-    fsspec.register_implementation(proto, FakeGCS, clobber=True)
+    fsspec.register_implementation(proto, _FakeGCS, clobber=True)
   yield root
   for proto, cls in previous.items():
     fsspec_registry._registry.pop(proto, None)  # pylint: disable=protected-access
     if cls is not None:
       fsspec.register_implementation(proto, cls, clobber=True)
-  FakeGCS.clear_instance_cache()
+  _FakeGCS.root = None
 
 
 def _files(folder: pathlib.Path) -> set[str]:
