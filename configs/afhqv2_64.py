@@ -1,7 +1,7 @@
 """AFHQv2-64 (one category, ~5,000 images), DDPM++ with Patch Diffusion: the paper's small-data setting.
 
 Sources of the values:
-* Patch Diffusion paper (METHOD.md §6): AFHQv2 Cat / Dog / Wild trained separately (about 5,000 images
+* Patch Diffusion paper (docs/METHOD.md, "Numbers"): AFHQv2 Cat / Dog / Wild trained separately (about 5,000 images
   each) for 75 Mimg; FID EDM 4.60 / 4.94 / 2.59 vs Patch Diffusion 3.11 / 4.80 / 1.93 (1.93 on Wild is
   the abstract's headline number). ``train.total_kimg = 75_000``.
 * Everything else follows EDM's AFHQv2-64 recipe, as the Patch Diffusion README says it does ("We follow

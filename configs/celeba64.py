@@ -1,4 +1,4 @@
-"""CelebA-64, DDPM++ with Patch Diffusion: the official Patch-Diffusion command's settings (METHOD.md §6).
+"""CelebA-64, DDPM++ with Patch Diffusion: the official Patch-Diffusion command's settings (docs/METHOD.md, "Numbers").
 
 Official command (PyTorch, 16×V100): DDPM++, cres 1,2,2,2, batch 256 (paper: 512), lr 2e-4, dropout 0.05,
 augment 0, duration 200 Mimg, EMA half-life 0.5 Mimg, real_p 0.5.

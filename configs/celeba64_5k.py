@@ -1,8 +1,8 @@
 """CelebA-64 restricted to 5,000 training images: the data-efficiency setting, patches vs full images.
 
 The Patch Diffusion paper claims better results than full-image training on small datasets "as few as
-5,000 images" (abstract; METHOD.md §6 reports it on the ~5,000-image AFHQv2 categories: FID EDM 4.60 /
-4.94 / 2.59 vs Patch Diffusion 3.11 / 4.80 / 1.93 for Cat / Dog / Wild at 75 Mimg). METHOD.md gives no
+5,000 images" (abstract; docs/METHOD.md, "Numbers" reports it on the ~5,000-image AFHQv2 categories: FID EDM 4.60 /
+4.94 / 2.59 vs Patch Diffusion 3.11 / 4.80 / 1.93 for Cat / Dog / Wild at 75 Mimg). docs/METHOD.md gives no
 numbers for a 5,000-image CelebA subset: this config is the controlled comparison on the project's own
 dataset, with everything equal to ``configs/celeba64.py`` (the official CelebA-64 command: DDPM++, cres
 1,2,2,2, batch 256, lr 2e-4, dropout 0.05, augment 0, EMA 0.5 Mimg, real_p 0.5) except:

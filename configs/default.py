@@ -1,7 +1,7 @@
 """Every knob of patch_diffusion, with its default. Experiment files import this and override.
 
 Sizes are in pixels (or latent pixels), counts of images in kimg (thousands of *counted* images:
-a step at patch size s counts ``batch_size * batch_mul(s)`` images, METHOD.md §1).
+a step at patch size s counts ``batch_size * batch_mul(s)`` images, docs/METHOD.md, "Training").
 """
 import ml_collections
 
@@ -31,6 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
   d.max_examples = 0          # >0: train on the first N images only (data-efficiency setting)
   d.use_labels = False        # condition on class labels (one-hot)
   d.num_classes = 0           # filled from the dataset when use_labels; read from converted networks
+  # Latent runs (patch.latent): data.resolution / num_channels are the LATENT R and C (e.g. 32, 4 for
+  # 256x256 images and the SD VAE); the images are read at R x the VAE's downsampling factor.
+  d.latents = "precomputed"   # precomputed (posterior moments stored once: tools/encode_latents) | on_the_fly
+  d.latent_dir = ""           # precomputed latents; '' = <data dir>/latents/<dataset>-<split>-<px>-vae<id>
+  d.prepare_latents = False   # True: encode the dataset on first use when its latents are missing (demo)
   d.num_workers = 0           # grain worker processes per host (0 = in-process)
   d.prefetch = 2              # grain read-ahead (batches)
 
@@ -57,6 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
   m.decoder_channels = ()
   m.stage_boundaries = (2.5103, 7.6577)
   m.dtype = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
+  # Latent runs: the VAE — a diffusers model dir (config.json + diffusion_pytorch_model.safetensors, e.g.
+  # stabilityai/sd-vae-ft-ema), a .safetensors file, or 'builtin:digits' (trained by the project, cached).
+  m.vae = ""
+  m.vae_dtype = "float32"     # the VAE's compute dtype (encoding and decoding)
   # float32 matmul/conv precision: 'default' lets GPUs use TF32 and TPUs bf16 passes (fast); 'highest'
   # is true float32 (what EDM trains with: it disables TF32), needed for 1e-4 parity on GPUs.
   m.matmul_precision = "default"
@@ -105,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.log_every_steps = 100
   t.checkpoint_every_steps = 5000
   t.keep_checkpoints = 3
+  t.checkpoint_dir = ""       # '' = <workdir>/checkpoints; e.g. a local disk while logs go to gs://
   # A checkpoint whose files differ from its manifest is never restored. False (default): stop with an
   # error naming the damaged file. True: move damaged checkpoints to <workdir>/checkpoints_damaged/ and
   # resume from the newest intact one.
@@ -127,6 +137,8 @@ def get_config() -> ml_collections.ConfigDict:
   s.S_max = float("inf")
   s.S_noise = 1.0
   s.guidance = 1.0            # classifier-free guidance weight w (1 = off)
+  s.class_label = -1          # class-conditional sampling: -1 = classes drawn uniformly, else this class
+  s.keep_latents = False      # latent runs: also save the sampled latents in samples.npz
   s.num_samples = 1000        # --mode=sample
   s.batch_size = 256          # global images per sampling batch (bounds memory)
   s.checkpoint_step = -1      # -1 = latest

@@ -14,7 +14,7 @@ Sources of the values:
   (``patch.real_p``); it publishes no separate FFHQ command. Its DDPM++ sampling uses 50 deterministic
   Heun steps (``generate.py --steps=50``); EDM samples FFHQ-64 with 40.
 
-Reported FID (METHOD.md §6, 2nd-hand summaries of the Patch Diffusion paper): EDM 2.60, Patch Diffusion
+Reported FID (docs/METHOD.md, "Numbers", 2nd-hand summaries of the Patch Diffusion paper): EDM 2.60, Patch Diffusion
 3.11. EDM's own README gives 2.39 for its released ffhq-64x64-uncond-vp model (40 steps).
 
 Data: FFHQ is not in TFDS. Download the 70,000 1024×1024 PNGs (github.com/NVlabs/ffhq-dataset,

@@ -20,6 +20,7 @@ from patch_diffusion.models import registry
 from patch_diffusion.models.multistage_unet import check_stage_boundaries
 
 MATMUL_PRECISIONS = ("default", "high", "highest")
+LATENT_SOURCES = ("precomputed", "on_the_fly")
 
 
 class ConfigError(ValueError):
@@ -68,15 +69,19 @@ def _choice(config, field: str, choices) -> None:
     raise ConfigError(field, value, f"expected one of {tuple(sorted(choices))}")
 
 
-def validate_data(data) -> None:
-  """The ``config.data`` checks (also what ``datasets.get_data_source`` runs on a plain dict)."""
+def validate_data(data, latent: bool = False) -> None:
+  """The ``config.data`` checks (also what ``datasets.get_data_source`` runs on a plain dict). ``latent``:
+  resolution and channels are the latent ones (any channel count the VAE gives)."""
   wrap = {"data": data}
   name = data["name"]
   if not isinstance(name, str) or not name.strip():
     raise ConfigError("data.name", name, "must be a non-empty string: 'digits', 'folder' or a TFDS name")
   _number(wrap, "data.resolution", integer=True)
-  if data["num_channels"] not in (1, 3) or isinstance(data["num_channels"], bool):
-    raise ConfigError("data.num_channels", data["num_channels"], "must be 1 or 3")
+  if latent:
+    _number(wrap, "data.num_channels", integer=True)
+  elif data["num_channels"] not in (1, 3) or isinstance(data["num_channels"], bool):
+    raise ConfigError("data.num_channels", data["num_channels"], "must be 1 or 3 (image channels; latent runs "
+                      "with patch.latent=True use the VAE's latent channels)")
   for field in ("max_examples", "num_workers", "prefetch"):
     _number(wrap, f"data.{field}", allow_low=True, integer=True)
   split = data["split"]
@@ -131,6 +136,22 @@ def _validate_multistage(config) -> None:
   if config.edm.precond != "edm":
     raise ConfigError("edm.precond", config.edm.precond, "multi-stage training draws each step's stage and "
                       "its σ from EDM's log-normal (the authors' EDMMultistageLoss): use edm.precond='edm'")
+
+
+def _validate_latent(config) -> None:
+  """Latent-space runs need a VAE and a way to get latents."""
+  d, m = config.data, config.model
+  _choice(config, "data.latents", LATENT_SOURCES)
+  _choice(config, "model.vae_dtype", registry.COMPUTE_DTYPES)
+  if config.patch.latent and not m.vae:
+    raise ConfigError("model.vae", m.vae, "patch.latent=True trains on VAE latents: set model.vae to a "
+                      "diffusers VAE directory (e.g. a download of stabilityai/sd-vae-ft-ema), a "
+                      ".safetensors file, or builtin:digits")
+  if not config.patch.latent and m.vae:
+    raise ConfigError("model.vae", m.vae, "a VAE is only used with patch.latent=True; clear model.vae or set "
+                      "patch.latent=True (and data.resolution/num_channels to the latent size)")
+  if not isinstance(d.prepare_latents, bool):
+    raise ConfigError("data.prepare_latents", d.prepare_latents, "must be True or False")
 
 
 def _validate_schedule(config) -> None:
@@ -211,6 +232,9 @@ def _validate_sampling(config) -> None:
   _number(config, "sample.S_churn", allow_low=True, high=math.inf)
   _number(config, "sample.S_noise", allow_low=True, high=math.inf)
   _number(config, "sample.guidance", allow_low=True, high=math.inf)
+  if not (_is_int(s.class_label) and s.class_label >= -1):
+    raise ConfigError("sample.class_label", s.class_label, "must be -1 (classes drawn uniformly) or a class "
+                      "index >= 0")
   v = config.eval
   if not (_is_int(v.num_samples) and v.num_samples >= 2):
     raise ConfigError("eval.num_samples", v.num_samples, "FID needs at least 2 generated images (the "
@@ -249,11 +273,12 @@ def validate_config(config, *, num_devices: Optional[int] = None, num_processes:
   """
   if not (_is_int(config.seed) and config.seed >= 0):
     raise ConfigError("seed", config.seed, "must be a non-negative integer (the run is a pure function of it)")
-  validate_data(config.data)
+  validate_data(config.data, latent=config.patch.latent)
   _choice(config, "patch.schedule", patches.SCHEDULES)
   _number(config, "patch.real_p", allow_low=True, high=1.0, allow_high=True)
   _validate_model(config)
   _validate_multistage(config)
+  _validate_latent(config)
   _validate_schedule(config)
   _validate_augment(config)
   _choice(config, "edm.precond", precond_lib.PRECONDS)

@@ -29,12 +29,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ``reference_stats`` (path) and timings.
   Raises:
     inception_weights.InceptionWeightsNotFoundError: before loading or generating anything.
-    ValueError: a latent-space run (``patch.latent``), or an invalid config value.
+    ValueError: an invalid config value.
     checkpointing.CheckpointError: no checkpoint and no ``sample.pretrained``, or a damaged one.
   """
   jax.config.update("jax_threefry_partitionable", True)
   t0 = time.time()
-  experiment_lib.check_evaluable(config)
   inception_path = inception_weights.resolve_path(config.eval.inception_path)
   pretrained = config.sample.pretrained
   exp, variables, source = experiment_lib.load_ema_variables(

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 
 from patch_diffusion import checkpointing
@@ -21,9 +23,11 @@ from patch_diffusion import models
 from patch_diffusion import parallel
 from patch_diffusion import sampling
 from patch_diffusion import state as state_lib
-from patch_diffusion.config_validation import validate_config
+from patch_diffusion import vae_training
+from patch_diffusion.config_validation import ConfigError, validate_config
 from patch_diffusion.data import datasets
 from patch_diffusion.data import input_pipeline
+from patch_diffusion.data import latents as latents_lib
 from patch_diffusion.data import patches as patches_lib
 from patch_diffusion.edm import loss as loss_lib
 from patch_diffusion.edm import precond as precond_lib
@@ -32,7 +36,37 @@ from patch_diffusion.edm import stages as stages_lib
 from patch_diffusion.evaluation import evaluator as evaluator_lib
 from patch_diffusion.evaluation import inception_weights
 from patch_diffusion.evaluation import reference
+from patch_diffusion.interop import diffusers_vae
 from patch_diffusion.models import registry
+from patch_diffusion.models import vae as vae_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentCodec:
+  """The VAE of a latent-space run (``patch.latent``): latents = scaling_factor · posterior sample.
+
+  Attributes:
+    module, variables: the ``models.vae.AutoencoderKL`` and its parameters (replicated on the mesh).
+    fingerprint: short hash of the VAE (latent datasets record which VAE made them).
+    path: where it was loaded from.
+  """
+  module: Any
+  variables: Any
+  fingerprint: str
+  path: str
+
+  @property
+  def scaling_factor(self) -> float:
+    return float(self.module.config.scaling_factor)
+
+  @property
+  def factor(self) -> int:
+    """Spatial downsampling factor image -> latent (8 for the SD VAE)."""
+    return self.module.config.downsample_factor
+
+  def decode(self, z: jax.Array) -> jax.Array:
+    """Scaled latents [N, R, R, C] -> images float32 [N, fR, fR, c] (nominally [-1, 1]); jittable."""
+    return vae_lib.decode_latents(self.module, self.variables, z / self.scaling_factor)
 
 
 @dataclasses.dataclass
@@ -49,6 +83,8 @@ class Experiment:
   dtype: Any
   source: Any = None           # the opened data source (None when no data is read)
   stages: Optional[stages_lib.StageSchedule] = None  # multi-stage networks: the stage of every step
+  codec: Optional[LatentCodec] = None      # latent runs: the VAE
+  batch_transform: Optional[Callable] = None  # latents.on_the_fly: pixel batch -> posterior moments
 
   @property
   def resolution(self) -> int:
@@ -71,14 +107,36 @@ class Experiment:
     """Fresh network variables (float32), replicated on the mesh."""
     return jax.device_put(models.init_params(self.model, key), parallel.replicated(self.mesh))
 
-  def generate_fn(self, batch_size: int, settings: Optional[sampler_lib.SamplerSettings] = None):
-    """``sampling.make_generate_fn`` for this network: ``fn(variables, key, batch_index)``."""
+  def generate_fn(self, batch_size: int, settings: Optional[sampler_lib.SamplerSettings] = None,
+                  keep_latents: bool = False):
+    """``sampling.make_generate_fn`` for this network: ``fn(variables, key, batch_index)`` -> uint8 images
+    (latent runs: decoded by the VAE in the same executable; ``keep_latents`` also returns the latents)."""
     settings = settings or sampler_lib.SamplerSettings.from_config(self.config.sample)
     return sampling.make_generate_fn(
         self.model.apply, self.precond, settings, resolution=self.resolution, channels=self.channels,
         num_classes=self.num_classes, batch_size=batch_size, mesh=self.mesh, dtype=self.dtype,
         quantize=not self.config.patch.latent,  # latents are not images: keep them float
-        stage_boundaries=self.stage_boundaries)
+        stage_boundaries=self.stage_boundaries,
+        decode=self.codec.decode if self.codec else None, class_label=self.config.sample.class_label,
+        keep_latents=keep_latents)
+
+  def batch_spec(self, n: int) -> dict:
+    """ShapeDtypeStructs (sharded over 'data') of a global training batch of ``n`` examples, as the step
+    sees it: uint8 images, or latent posterior moments (float16 stored, float32 encoded on the fly)."""
+    data = parallel.data_sharding(self.mesh)
+    r, c = self.resolution, self.channels
+    if self.codec is None:
+      fields = {"image": jax.ShapeDtypeStruct((n, r, r, c), jnp.uint8, sharding=data)}
+    else:
+      dtype = jnp.float32 if self.batch_transform is not None else jnp.float16
+      fields = {k: jax.ShapeDtypeStruct((n, r, r, c), dtype, sharding=data) for k in ("mean", "std")}
+    return dict(fields, label=jax.ShapeDtypeStruct((n,), jnp.int32, sharding=data))
+
+  def device_batch(self, local: dict) -> dict:
+    """This host's batch (host arrays) -> the global batch the step takes (``batch_spec``)."""
+    batch = parallel.global_batch({k: (v.astype(np.int32) if k == "label" else v)
+                                   for k, v in local.items() if k != "index"}, self.mesh)
+    return self.batch_transform(batch) if self.batch_transform is not None else batch
 
 
 def build_experiment(config: ml_collections.ConfigDict, *, check_data: bool = True) -> Experiment:
@@ -88,8 +146,11 @@ def build_experiment(config: ml_collections.ConfigDict, *, check_data: bool = Tr
   precision = config.model.matmul_precision
   jax.config.update("jax_default_matmul_precision", None if precision == "default" else precision)
   mesh = parallel.create_mesh(config.mesh.shape, config.mesh.axes)
-  source = None
-  if check_data:
+  codec = load_codec(config, mesh) if config.patch.latent else None
+  source, transform = None, None
+  if check_data and codec is not None:
+    source, info, transform = latent_data(config, codec, mesh)
+  elif check_data:
     source, info = datasets.get_data_source(config.data)
   else:
     info = datasets.DatasetInfo(name=config.data.name, num_examples=0, resolution=config.data.resolution,
@@ -106,7 +167,81 @@ def build_experiment(config: ml_collections.ConfigDict, *, check_data: bool = Tr
   return Experiment(config=config, mesh=mesh, info=info, model=model, precond=precond, noise_dist=noise,
                     schedule=schedule, dtype=registry.DTYPES[config.model.dtype], source=source,
                     tx=state_lib.make_optimizer(config.train, 0 if stages is None else stages.num_stages),
-                    stages=stages)
+                    stages=stages, codec=codec, batch_transform=transform)
+
+
+# ---- latent space --------------------------------------------------------------------------------------
+
+
+def load_codec(config: ml_collections.ConfigDict, mesh) -> LatentCodec:
+  """Loads ``model.vae`` (``builtin:<name>`` is trained on first use) and checks it fits the config.
+
+  Raises:
+    ConfigError: the VAE's latent channels differ from ``data.num_channels``.
+    FileNotFoundError / VAEWeightsError: missing or unreadable VAE files.
+  """
+  path = vae_training.resolve(config.model.vae)
+  if not path.startswith(vae_training.PREFIX) and not os.path.exists(os.path.expanduser(path)):
+    raise FileNotFoundError(f"model.vae = {config.model.vae!r}: no such file or directory. Download the VAE "
+                            f"(e.g. huggingface.co/stabilityai/sd-vae-ft-ema: config.json and "
+                            f"diffusion_pytorch_model.safetensors) and point model.vae at its folder")
+  module, variables = diffusers_vae.load_vae(os.path.expanduser(path),
+                                             dtype=registry.DTYPES[config.model.vae_dtype])
+  vc = module.config
+  if vc.latent_channels != config.data.num_channels:
+    raise ConfigError("data.num_channels", config.data.num_channels,
+                      f"the VAE {path} has {vc.latent_channels} latent channels; latent runs set "
+                      f"data.num_channels = {vc.latent_channels} (and data.resolution to the latent size)")
+  fingerprint = latents_lib.vae_fingerprint(vc, variables)
+  logging.info("VAE %s: %s, %dx downsampling, %d latent channels, scaling factor %.5f", path,
+               vc.block_out_channels, vc.downsample_factor, vc.latent_channels, vc.scaling_factor)
+  return LatentCodec(module=module, variables=jax.device_put(variables, parallel.replicated(mesh)),
+                     fingerprint=fingerprint, path=path)
+
+
+def pixel_data_config(config: ml_collections.ConfigDict, codec: LatentCodec) -> ml_collections.ConfigDict:
+  """``config.data`` for the images behind a latent run: resolution R·f, the VAE's image channels."""
+  d = ml_collections.ConfigDict(config.data.to_dict())
+  d.resolution = config.data.resolution * codec.factor
+  d.num_channels = codec.module.config.in_channels
+  return d
+
+
+def encode_spec(config: ml_collections.ConfigDict, codec: LatentCodec) -> latents_lib.EncodeSpec:
+  return latents_lib.EncodeSpec(
+      pixel_data_config=pixel_data_config(config, codec), vae_module=codec.module, vae_variables=codec.variables,
+      fingerprint=codec.fingerprint, scaling_factor=codec.scaling_factor, xflip=config.data.xflip,
+      batch_size=config.eval.batch_size)
+
+
+def latent_dir(config: ml_collections.ConfigDict, codec: LatentCodec) -> str:
+  """Where the run's precomputed latents live (``data.latent_dir`` or the derived default)."""
+  return os.path.expanduser(config.data.latent_dir) or latents_lib.default_dir(
+      pixel_data_config(config, codec), codec.fingerprint, config.data.xflip)
+
+
+def latent_data(config: ml_collections.ConfigDict, codec: LatentCodec, mesh):
+  """(source, info, batch transform) of a latent run: precomputed posterior moments (encoded now when
+  missing and ``data.prepare_latents``), or pixel images encoded every step (``on_the_fly``)."""
+  pixels = pixel_data_config(config, codec)
+  if config.data.latents == "on_the_fly":
+    source, info = datasets.get_data_source(pixels)
+    encode = latents_lib.make_encode_fn(encode_spec(config, codec), mesh, dtype=jnp.float32)
+    transform = lambda b: dict(zip(("mean", "std"), encode(b["image"])), label=b["label"])  # pylint: disable=unnecessary-lambda-assignment
+    return source, info, transform
+  folder = latent_dir(config, codec)
+  if config.data.prepare_latents and not os.path.exists(os.path.join(folder, latents_lib.METADATA)):
+    logging.info("encoding the dataset's latents once into %s (data.prepare_latents)", folder)
+    latents_lib.encode_dataset(encode_spec(config, codec), folder, mesh)
+  shape = (config.data.resolution, config.data.resolution, config.data.num_channels)
+  source, info = latents_lib.open_latent_source(
+      folder, fingerprint=codec.fingerprint, shape=shape, use_labels=config.data.use_labels,
+      encode_command=ENCODE_COMMAND)
+  return source, info, None
+
+
+#: How to make a run's latent dataset (quoted in errors).
+ENCODE_COMMAND = "python -m patch_diffusion.tools.encode_latents --config=<your config> [--set key=value ...]"
 
 
 # ---- networks ------------------------------------------------------------------------------------------
@@ -138,15 +273,24 @@ def abstract_train_state(exp: Experiment) -> Any:
 
 def merge_pretrained(config: ml_collections.ConfigDict,
                      pre_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The pretrained network's model/data/edm settings with this run's sampler and mesh settings."""
+  """The pretrained network's model/data/edm settings with this run's sampler and mesh settings (and its
+  VAE: a converted latent network records that it is latent, the run says which VAE decodes it)."""
   merged = ml_collections.ConfigDict(config.to_dict())
   for section in ("model", "edm"):
     for k, v in pre_cfg[section].items():
-      merged[section][k] = v
+      if k not in ("vae", "vae_dtype"):
+        merged[section][k] = v
+  if "patch" in pre_cfg and pre_cfg.patch.get("latent"):
+    merged.patch.latent = True
   for k in ("resolution", "num_channels", "use_labels", "num_classes"):
     if k in pre_cfg.data:
       merged.data[k] = pre_cfg.data[k]
   return merged
+
+
+def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """``train.checkpoint_dir`` or ``<workdir>/checkpoints`` (local or ``gs://``)."""
+  return config.train.checkpoint_dir or f"{str(workdir).rstrip('/')}/checkpoints"
 
 
 def load_ema_variables(config: ml_collections.ConfigDict, workdir: str, *, step: int = -1,
@@ -169,11 +313,13 @@ def load_ema_variables(config: ml_collections.ConfigDict, workdir: str, *, step:
   """
   if pretrained:
     variables, pre_cfg = checkpointing.load_pretrained(pretrained)
-    exp = build_experiment(merge_pretrained(config, pre_cfg), check_data=need_data)
+    merged = merge_pretrained(config, pre_cfg)
+    # Latent runs read the images for FID (reference_data), never their latents, here.
+    exp = build_experiment(merged, check_data=need_data and not merged.patch.latent)
     variables = jax.device_put(variables, parallel.replicated(exp.mesh))
     return exp, variables, {"step": None, "nimg": None, "source": os.path.abspath(pretrained)}
-  exp = build_experiment(config, check_data=True)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  exp = build_experiment(config, check_data=not config.patch.latent)
+  ckpt = checkpointing.Checkpointer(checkpoint_dir(config, workdir))
   if ckpt.latest_step() is None:
     raise checkpointing.CheckpointError(
         f"no checkpoint in {ckpt.directory}; train first (--mode=train) or pass "
@@ -188,21 +334,16 @@ def load_ema_variables(config: ml_collections.ConfigDict, workdir: str, *, step:
 # ---- evaluation ----------------------------------------------------------------------------------------
 
 
-def check_evaluable(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError for runs whose samples are not images (latent-space models)."""
-  if config.patch.latent:
-    raise ValueError(
-        "FID/KID/precision-recall need pixel images, but patch.latent=True makes the network generate "
-        "VAE latents and this codebase has no VAE decoder wired to sampling yet; write latents with "
-        "--mode=sample and decode them outside, or set eval.every_kimg=0 for this run")
-
-
 def reference_data(exp: Experiment) -> evaluator_lib.ReferenceData:
   """The training data as FID reference: the whole split (``data.max_examples`` ignored, so runs on
   data subsets are compared with the full distribution) or its first ``eval.ref_num_images`` images, at
   ``data.resolution`` and ``data.num_channels``, cached in ``datasets.derived_data_dir``."""
   data_config = exp.config.data
   data = (exp.source, exp.info) if exp.source is not None else None
+  if exp.codec is not None:  # latent runs are compared with the images (decoded samples vs real images)
+    data_config, data = pixel_data_config(exp.config, exp.codec), None
+  elif data_config.max_examples > 0 and data is not None:
+    data = None
   if data_config.max_examples > 0 or data is None:
     data_config = ml_collections.ConfigDict(data_config.to_dict())
     data_config.max_examples = 0
@@ -225,9 +366,7 @@ def make_evaluator(exp: Experiment) -> evaluator_lib.Evaluator:
 
   Raises:
     inception_weights.InceptionWeightsNotFoundError: the Inception weights are missing.
-    ValueError: a latent-space run (its samples are not images).
   """
-  check_evaluable(exp.config)
   v = exp.config.eval
   return evaluator_lib.Evaluator(mesh=exp.mesh, make_generate=exp.generate_fn, reference=reference_data(exp),
                                  inception_path=inception_weights.resolve_path(v.inception_path),

@@ -78,6 +78,7 @@ def append_lines(path: PathLike, lines: Iterable[str]) -> None:
   p = as_path(path)
   if is_url(p):
     previous = p.read_text() if p.exists() else ""
+    p.parent.mkdir(parents=True, exist_ok=True)  # object stores have no folders: a no-op there
     p.write_text(previous + "".join(lines))
     return
   p.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,8 @@
 """``--mode=sample``: samples from the EMA network of a checkpoint (or a converted network).
 
-Writes ``<workdir>/samples.npz`` (uint8 NHWC ``images``, or float ``latents`` for latent-space runs, plus
-``labels`` for class-conditional networks) and ``samples.png`` (a grid of the first 256), through
-``fileio`` (local or ``gs://``).
+Writes ``<workdir>/samples.npz`` (uint8 NHWC ``images`` — for latent-space runs decoded by the VAE —,
+float ``latents`` too with ``sample.keep_latents``, ``labels`` for class-conditional networks) and
+``samples.png`` (a grid of the first 256), through ``fileio`` (local or ``gs://``).
 """
 from __future__ import annotations
 
@@ -20,6 +20,6 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   scfg = config.sample
   exp, variables, _ = experiment_lib.load_ema_variables(config, workdir, step=scfg.checkpoint_step,
                                                         pretrained=scfg.pretrained)
-  return sampling.write_samples(exp.generate_fn, variables, workdir, num_images=scfg.num_samples,
-                                seed=config.seed + 1, batch_size=scfg.batch_size, mesh=exp.mesh,
-                                latent=exp.config.patch.latent, with_labels=exp.num_classes > 0)
+  make = lambda batch: exp.generate_fn(batch, keep_latents=scfg.keep_latents)  # pylint: disable=unnecessary-lambda-assignment
+  return sampling.write_samples(make, variables, workdir, num_images=scfg.num_samples, seed=config.seed + 1,
+                                batch_size=scfg.batch_size, mesh=exp.mesh, with_labels=exp.num_classes > 0)

@@ -117,7 +117,7 @@ class MetricsHook(Hook):
   def after_step(self, run: Run) -> None:
     self._pending.append((run.size, run.metrics))
     self._stages.append(run.stage)
-    self._patches += run.local["image"].shape[0] * jax.process_count()
+    self._patches += len(run.local["label"]) * jax.process_count()
     self._host.update(run.host_seconds)
     if run.step % self.every_steps == 0 or run.done:
       self.flush(run, log=True)
@@ -334,4 +334,4 @@ class FinalSamplesHook(Hook):
       exp = run.exp
       sampling.write_samples(exp.generate_fn, run.state.variables(ema=True), run.workdir, num_images=self.num,
                              seed=self.seed, batch_size=run.config.sample.batch_size, mesh=exp.mesh,
-                             latent=run.config.patch.latent, with_labels=exp.num_classes > 0)
+                             with_labels=exp.num_classes > 0)

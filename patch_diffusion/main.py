@@ -24,6 +24,10 @@ flags.DEFINE_string("coordinator_address", None,
                     "auto-detected on Cloud TPU / SLURM).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (else $PATCH_DIFFUSION_NUM_PROCESSES).")
 flags.DEFINE_integer("process_id", None, "This process's index (else $PATCH_DIFFUSION_PROCESS_ID).")
+flags.DEFINE_bool("compilation_cache", True,
+                  "Keep compiled executables in a persistent cache ($JAX_COMPILATION_CACHE_DIR, else "
+                  "<user cache>/xla): a second run with the same shapes skips XLA compilation. "
+                  "--nocompilation_cache turns it off.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,6 +45,16 @@ def _init_distributed() -> None:
     jax.distributed.initialize()  # Cloud TPU pod / SLURM: JAX detects the cluster itself
   logging.info("JAX process %d/%d, %d local / %d global devices (%s)", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+
+
+def _enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache in ``$JAX_COMPILATION_CACHE_DIR`` or ``<user cache>/xla``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from patch_diffusion import user_cache  # pylint: disable=g-import-not-at-top
+  folder = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(user_cache.cache_dir() / "xla")
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  logging.info("persistent compilation cache: %s (--nocompilation_cache turns it off)", folder)
 
 
 def _env_int(name: str):
@@ -77,6 +91,8 @@ def main(argv, extra_hooks_for=None) -> None:
   logging.set_verbosity(logging.INFO)
   try:
     _init_distributed()
+    if FLAGS.compilation_cache:
+      _enable_compilation_cache()
     _dispatch(FLAGS.config, FLAGS.workdir, FLAGS.mode, extra_hooks_for)
   except _USER_ERRORS as e:
     if os.environ.get("PATCH_DIFFUSION_TRACEBACK") == "1":

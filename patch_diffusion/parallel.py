@@ -78,6 +78,22 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   return out
 
 
+def host_local_rows(x: jax.Array) -> np.ndarray:
+  """Rows of a global array [N, ...] sharded on axis 0 that live on this process, in global order.
+
+  In a single process this is ``np.asarray(x)``; on several hosts it is this host's slice of the batch,
+  without any cross-host transfer (replicated shards are taken once).
+  """
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  pieces = {}
+  for shard in x.addressable_shards:
+    start = shard.index[0].start or 0
+    if start not in pieces:
+      pieces[start] = np.asarray(shard.data)
+  return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+
+
 def is_main_process() -> bool:
   return jax.process_index() == 0
 

@@ -29,7 +29,8 @@ from patch_diffusion.edm.precond import make_denoiser
 def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerSettings, *,
                      resolution: int, channels: int, num_classes: int, batch_size: int, mesh: Mesh,
                      dtype=jnp.float32, x_pos: Optional[jnp.ndarray] = None,
-                     quantize: bool = True, stage_boundaries=()) -> Callable:
+                     quantize: bool = True, decode: Optional[Callable] = None, class_label: int = -1,
+                     keep_latents: bool = False, stage_boundaries=()) -> Callable:
   """Compiles ``fn(variables, key, batch_index) -> (images uint8 [B,R,R,C], labels int32 [B])``.
 
   Args:
@@ -42,6 +43,10 @@ def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerS
     x_pos: coordinate grid [R', R', 2] (default: the full R×R grid); other grids give crop/extrapolation
       samples of size R'.
     quantize: return uint8 images (EDM's rounding of [-1, 1]); False returns the float32 sample (latents).
+    decode: latent models: ``latents [B,R,R,C] -> images float32 [B,fR,fR,c] in [-1, 1]`` (the VAE decoder,
+      scaling factor included), run inside the same executable; the output is then the decoded images.
+    class_label: class-conditional networks: -1 draws labels uniformly, else every sample gets this class.
+    keep_latents: with ``decode``, also return the sampled latents: ``(images, labels, latents)``.
     stage_boundaries: a multi-stage network's σ boundaries: every evaluation runs the decoder of its σ's
       stage, chosen statically per segment of sampler steps (``sampler.edm_sample``); () otherwise.
   """
@@ -59,13 +64,22 @@ def make_generate_fn(apply_fn: Callable, precond, settings: sampler_lib.SamplerS
     latents = jax.random.normal(k_lat, (batch_size,) + tuple(out_hw) + (channels,), jnp.float32)
     latents = jax.lax.with_sharding_constraint(latents, sharded)
     labels = jax.random.randint(k_lab, (batch_size,), 0, max(num_classes, 1))
+    if class_label >= 0:
+      labels = jnp.full((batch_size,), class_label, labels.dtype)
     onehot = jax.nn.one_hot(labels, num_classes) if num_classes else None
     denoise_fn = make_denoiser(apply_fn, variables, precond, dtype=dtype)
     x = sampler_lib.edm_sample(denoise_fn, latents, grid, k_churn, onehot, settings,
                                stage_boundaries=tuple(stage_boundaries))
-    return (image_grid.to_uint8(x, jnp) if quantize else x), labels.astype(jnp.int32)
+    out = x
+    if decode is not None:
+      out = jax.lax.with_sharding_constraint(decode(x), sharded)
+    out = image_grid.to_uint8(out, jnp) if (quantize or decode is not None) else out
+    if keep_latents and decode is not None:
+      return out, labels.astype(jnp.int32), x
+    return out, labels.astype(jnp.int32)
 
-  return jax.jit(generate, out_shardings=(sharded, sharded))
+  n_out = 3 if (keep_latents and decode is not None) else 2
+  return jax.jit(generate, out_shardings=(sharded,) * n_out)
 
 
 def generate_images(generate_fn: Callable, variables, *, num_images: int, batch_size: int, seed: int,
@@ -73,23 +87,21 @@ def generate_images(generate_fn: Callable, variables, *, num_images: int, batch_
   """Runs ``generate_fn`` until ``num_images`` exist; returns host arrays on every process.
 
   Returns:
-    images uint8 [num_images, R, R, C] (or float latents) and labels int32 [num_images].
+    What ``generate_fn`` returns, concatenated over batches: images uint8 [num_images, R, R, C] (or float
+    latents) and labels int32 [num_images] (and the latents when the generator keeps them).
   """
   key = jax.random.key(seed)
   num_batches = math.ceil(num_images / batch_size)
-  images, labels = [], []
+  outputs = []
   count = progress.CountProgress("sampling", num_images, every_s=log_every_s)
   for b in range(num_batches):
-    img, lab = generate_fn(variables, key, b)
-    images.append(_to_host(img))
-    labels.append(_to_host(lab))
+    outputs.append([_to_host(x) for x in generate_fn(variables, key, b)])
     count.update(min((b + 1) * batch_size, num_images))
-  return np.concatenate(images)[:num_images], np.concatenate(labels)[:num_images]
+  return tuple(np.concatenate(parts)[:num_images] for parts in zip(*outputs))
 
 
 def write_samples(make_generate: Callable[[int], Callable], variables, workdir: str, *, num_images: int,
-                  seed: int, batch_size: int, mesh: Mesh, latent: bool = False,
-                  with_labels: bool = False) -> str:
+                  seed: int, batch_size: int, mesh: Mesh, with_labels: bool = False) -> str:
   """Generates ``num_images`` and writes ``<workdir>/samples.npz`` (+ ``samples.png``) on process 0.
 
   Args:
@@ -98,7 +110,6 @@ def write_samples(make_generate: Callable[[int], Callable], variables, workdir: 
     workdir: output folder (local or ``gs://``).
     num_images, seed: how many samples, from which seed (``fold_in(key(seed), batch)``).
     batch_size: global images per call, rounded up to the data-parallel size and capped by num_images.
-    latent: the samples are VAE latents (saved as float ``latents``, no PNG) instead of uint8 ``images``.
     with_labels: also save the sampled class labels (``labels``).
   Returns:
     The path of ``samples.npz``.
@@ -106,19 +117,20 @@ def write_samples(make_generate: Callable[[int], Callable], variables, workdir: 
   n_data = parallel.data_parallel_size(mesh)
   batch_size = min(parallel.round_up(batch_size, n_data), parallel.round_up(num_images, n_data))
   t0 = time.time()
-  images, labels = generate_images(make_generate(batch_size), variables, num_images=num_images,
-                                   batch_size=batch_size, seed=seed)
+  outputs = generate_images(make_generate(batch_size), variables, num_images=num_images,
+                            batch_size=batch_size, seed=seed)
+  images, labels = outputs[:2]
   path = f"{workdir}/samples.npz"
   if jax.process_index() == 0:
-    arrays = {"latents" if latent else "images": images}
+    arrays = {"images": images}
+    if len(outputs) == 3:  # decoded images plus the latents they came from
+      arrays["latents"] = outputs[2]
     if with_labels:
       arrays["labels"] = labels
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     fileio.write_bytes(path, buf.getvalue())
-    if not latent:  # latents need the VAE decoder to become pictures
-      image_grid.save_png(f"{workdir}/samples.png",
-                          image_grid.make_grid(images[:min(len(images), 256)], padding=1))
+    image_grid.save_png(f"{workdir}/samples.png", image_grid.make_grid(images[:min(len(images), 256)], padding=1))
     logging.info("wrote %d samples to %s in %.1f s", num_images, path, time.time() - t0)
   return path
 

@@ -52,6 +52,7 @@ class StepConfig:
       with ``lax.switch``). Either way the batch's σ come from EDM's log-normal truncated to the stage,
       only that decoder (and the shared encoder) gets gradients and an Adam update
       (``state.stagewise_adam``), and the EMA moves every parameter, as the authors' loop.
+    latent_scale: latent runs: the VAE's scaling factor (0.18215 for SD) applied to the posterior sample.
   """
   patch_size: int
   resolution: int
@@ -63,11 +64,29 @@ class StepConfig:
   grad_accum_steps: int = 1
   stage_boundaries: tuple = ()
   stage: Optional[int] = None
+  latent_scale: float = 1.0
+
+
+#: ``fold_in`` stream of the latent posterior draw (separate from the crop/σ/ε/label/dropout keys).
+LATENT_STREAM = 0x1A7E
 
 
 def images_to_float(images: jnp.ndarray) -> jnp.ndarray:
   """uint8 [0, 255] → float32 [−1, 1] (EDM: x / 127.5 − 1)."""
   return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def batch_images(batch: dict, key: jax.Array, latent_scale: float = 1.0) -> jnp.ndarray:
+  """The training images of a batch, float32 [N, R, R, C].
+
+  Pixel batches {'image': uint8} map to [-1, 1]. Latent batches {'mean', 'std'} (VAE posterior moments,
+  ``data/latents.py``) draw the posterior sample ``(mean + std * eps) * latent_scale`` from ``key`` — the
+  official ``latent_dist.sample() * 0.18215``, without running the encoder every step.
+  """
+  if "image" in batch:
+    return images_to_float(batch["image"])
+  eps = jax.random.normal(key, batch["mean"].shape, jnp.float32)
+  return (batch["mean"].astype(jnp.float32) + batch["std"].astype(jnp.float32) * eps) * latent_scale
 
 
 def sanitize_grads(grads):
@@ -89,7 +108,8 @@ def draw_step_inputs(cfg: StepConfig, noise_dist, batch: dict, key: jax.Array) -
   Args:
     cfg: the step's settings.
     noise_dist: the σ distribution (``loss.get_noise_distribution``).
-    batch: {'image': uint8 [N, R, R, C], 'label': int32 [N]}.
+    batch: {'image': uint8 [N, R, R, C], 'label': int32 [N]}, or a latent batch {'mean', 'std', 'label'}
+      (see :func:`batch_images`).
     key: the step key ``fold_in(base_key, step)``.
 
   Returns:
@@ -101,10 +121,11 @@ def draw_step_inputs(cfg: StepConfig, noise_dist, batch: dict, key: jax.Array) -
   """
   s = cfg.patch_size
   k_crop, k_loss, k_label, _ = jax.random.split(key, 4)
-  n, res, _, ch = batch["image"].shape
+  images = batch_images(batch, jax.random.fold_in(key, LATENT_STREAM), cfg.latent_scale)
+  n, res, _, ch = images.shape
   row, col = patches_lib.random_offsets(k_crop, n, res, s)
   sigma, weight, eps = loss_lib.sample_noise(k_loss, noise_dist, (n, s, s, ch))
-  inputs = {"image": batch["image"], "row": row, "col": col, "sigma": sigma, "weight": weight, "eps": eps}
+  inputs = {"image": images, "row": row, "col": col, "sigma": sigma, "weight": weight, "eps": eps}
   if cfg.num_classes:
     labels = jax.nn.one_hot(batch["label"], cfg.num_classes, dtype=jnp.float32)
     inputs["labels"] = loss_lib.drop_labels(k_label, labels, cfg.label_dropout)
@@ -122,7 +143,7 @@ def model_inputs(cfg: StepConfig, mb: dict):
     image (the official order). ``augment_before_crop``: augment the full image, then crop — x_pos is the
     crop's location in the augmented image.
   """
-  images = images_to_float(mb["image"])
+  images = mb["image"]  # float32 [-1, 1] (pixels) or scaled latents: batch_images
   augment_labels = None
   if cfg.augment is not None and cfg.augment_before_crop:
     images, augment_labels = cfg.augment.apply(images, mb["augment"])
@@ -153,7 +174,8 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, precon
   Args of the returned function:
     state: :class:`TrainState` (donated).
     batch: {'image': uint8 [N, R, R, C], 'label': int32 [N]} — full-resolution images; N already includes
-      the batch multiplier of this patch size (``StepPlan.batch_mul``).
+      the batch multiplier of this patch size (``StepPlan.batch_mul``) — or a latent batch {'mean', 'std':
+      float16/float32 [N, R, R, C], 'label'} (VAE posterior moments; :func:`batch_images`).
     lr: float32 scalar learning rate for this step (the schedule's ``lr_scale`` already applied).
     ema_beta: float32 scalar EMA decay for this step.
     base_key: the run's typed PRNG key.
@@ -174,7 +196,7 @@ def make_train_step(apply_fn: Callable, tx: optax.GradientTransformation, precon
     noise = noise_dist if stage is None else loss_lib.stage_noise(noise_dist, cfg.stage_boundaries, stage)
     key = jax.random.fold_in(base_key, state.step)
     k_dropout = jax.random.split(key, 4)[3]
-    n = batch["image"].shape[0]
+    n = batch["label"].shape[0]
     if n % k_accum:
       raise ValueError(f"train.grad_accum_steps = {k_accum} does not divide this step's batch of {n} images "
                        f"(train.batch_size x the patch size's multiplier); pick a divisor of train.batch_size")

@@ -9,7 +9,6 @@ on log and checkpoint steps.
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import time
 from typing import Callable, Optional, Sequence
 
@@ -62,21 +61,20 @@ def compile_steps(exp: experiment_lib.Experiment, state: state_lib.TrainState, b
   mesh, cfg = exp.mesh, exp.config
   rep, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
   state_sharding = jax.tree.map(lambda _: rep, state)
-  r, c = exp.resolution, exp.channels
   augment = augment_lib.from_config(cfg.data)
   lowered = {}
   for variant in (step_variants(exp) if variants is None else variants):
     size, mul, stage = (tuple(variant) + (None,))[:3]
     step_fn = steps_lib.make_train_step(
         exp.model.apply, exp.tx, exp.precond, exp.noise_dist,
-        steps_lib.StepConfig(patch_size=size, resolution=r, num_classes=exp.num_classes,
+        steps_lib.StepConfig(patch_size=size, resolution=exp.resolution, num_classes=exp.num_classes,
                              label_dropout=cfg.edm.label_dropout, compute_dtype=exp.dtype, augment=augment,
                              augment_before_crop=cfg.data.augment_before_crop,
                              grad_accum_steps=cfg.train.grad_accum_steps,
-                             stage_boundaries=exp.stage_boundaries, stage=stage))
+                             stage_boundaries=exp.stage_boundaries, stage=stage,
+                             latent_scale=exp.codec.scaling_factor if exp.codec else 1.0))
     n = local_batch * mul * jax.process_count()
-    batch = {"image": jax.ShapeDtypeStruct((n, r, r, c), jnp.uint8, sharding=data),
-             "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=data)}
+    batch = exp.batch_spec(n)
     scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
     jitted = jax.jit(step_fn, in_shardings=(state_sharding, data, rep, rep, rep),
                      out_shardings=(state_sharding, rep), donate_argnums=(0,))
@@ -116,8 +114,7 @@ def _loop(run: hooks_lib.Run, compiled: dict[tuple[int, ...], Callable],
     t0 = time.perf_counter()
     local = _next_batch(run.train_iter, plan.batch_mul)
     t1 = time.perf_counter()
-    batch = parallel.global_batch({"image": local["image"], "label": local["label"].astype(np.int32)},
-                                  run.exp.mesh)
+    batch = run.exp.device_batch(local)
     lr = np.float32(state_lib.learning_rate(run.nimg, tcfg, plan.lr_scale))
     beta = np.float32(state_lib.ema_beta(run.nimg, plan.counted_images, tcfg))
     t2 = time.perf_counter()
@@ -138,7 +135,8 @@ def _start(exp: experiment_lib.Experiment, workdir: str, with_index: bool) -> ho
   """Writer, checkpointer, initial or restored state, positioned input iterator: the Run before step 1."""
   config, tcfg = exp.config, exp.config.train
   writer = writers.MetricWriter(workdir)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=tcfg.keep_checkpoints)
+  ckpt = checkpointing.Checkpointer(experiment_lib.checkpoint_dir(config, workdir),
+                                    max_to_keep=tcfg.keep_checkpoints)
   logging.info("dataset %s: %d images, %dx%dx%d, %d classes", exp.info.name, exp.info.num_examples,
                exp.resolution, exp.resolution, exp.channels, exp.num_classes)
   k_init, k_train = jax.random.split(jax.random.key(config.seed), 2)

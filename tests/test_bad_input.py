@@ -82,6 +82,8 @@ def test_python_config_wrong_type():
     ("NaN learning rate", {"train.lr": float("nan")}, ConfigError, "train.lr = nan: must be > 0 and finite"),
     ("mesh larger than the devices", {"mesh.shape": (3,)}, ConfigError, r"mesh.shape = \(3,\): needs 3 devices, but 8"),
     ("2 image channels", {"data.num_channels": 2}, ConfigError, "data.num_channels = 2: must be 1 or 3"),
+    ("zero eval samples", {"eval.num_samples": 0}, ConfigError,
+     "eval.num_samples = 0: FID needs at least 2 generated images"),
 ])
 def test_invalid_config_fails_before_anything_is_written(case, overrides, error, match, tmp_path):
   workdir = tmp_path / "run"

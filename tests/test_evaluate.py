@@ -139,10 +139,3 @@ def test_missing_inception_weights_fail_before_anything_runs(tmp_path):
   with pytest.raises(inception_weights.InceptionWeightsNotFoundError):
     train.train_and_evaluate(bad, str(tmp_path / "never"))
   assert not (tmp_path / "never").exists()
-
-
-def test_latent_runs_are_refused_with_a_reason(tmp_path):
-  c = eval_config(tmp_path / "data")
-  c.patch.latent = True
-  with pytest.raises(ValueError, match="VAE"):
-    evaluate.evaluate(c, str(tmp_path / "work"))

@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     # 3: data sources and pipelines
     ("data.datasets", "data.input_pipeline", "data.latents"),
     # 4: what a run is made of, and what the loop calls
-    ("experiment", "hooks"),
+    ("experiment", "hooks", "vae_training"),
     # 5: the modes
     ("train", "generate", "evaluate"),
     # 6: entry points

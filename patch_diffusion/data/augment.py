@@ -279,7 +279,7 @@ def edm_augment_pipe(p: float) -> AugmentPipe:
 
 def from_config(data_config: Any) -> AugmentPipe | None:
   """The pipe for ``config.data`` (``augment_p``), or None when augmentation is off."""
-  p = float(data_config.get("augment_p", 0.0) or 0.0)
+  p = float(data_config["augment_p"])
   return edm_augment_pipe(p) if p > 0 else None
 
 

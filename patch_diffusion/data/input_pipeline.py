@@ -60,6 +60,33 @@ class PreprocessedSource:
             f"labels={self._use_labels}, index={self._with_index})")
 
 
+class IndexedSource:
+  """A source of final records (latent datasets: no preprocessing), plus 'index' when ``with_index``."""
+
+  def __init__(self, source: Any, with_index: bool = False):
+    self._source = source
+    self._with_index = with_index
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    out = dict(self._source[index])
+    if self._with_index:
+      out["index"] = np.int32(index)
+    return out
+
+  def __repr__(self) -> str:
+    return f"IndexedSource({self._source!r}, index={self._with_index})"
+
+
+def training_records(source: Any, info: datasets.DatasetInfo, with_index: bool) -> Any:
+  """What the train pipeline reads: preprocessed images, or a latent dataset's records as they are."""
+  if getattr(source, "is_latent", False):
+    return IndexedSource(source, with_index)
+  return PreprocessedSource(source, info.resolution, info.num_channels, info.num_classes > 0, with_index)
+
+
 class RandomXFlip(grain.transforms.RandomMap):
   """Mirrors the image left-right with probability 1/2.
 
@@ -222,14 +249,15 @@ def create_train_iterator(
     raise datasets.DatasetError(
         f"{len(source)} images cannot be split over {process_count} processes (each needs at least one)"
     )
-  pre = PreprocessedSource(source, info.resolution, info.num_channels, info.num_classes > 0, with_index)
+  pre = training_records(source, info, with_index)
+  latent = bool(getattr(source, "is_latent", False))
   shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=False)
   gseed = data_seed(seed)
   sampler = grain.samplers.IndexSampler(
       num_records=len(pre), shard_options=shard, shuffle=True, num_epochs=None, seed=gseed
   )
   operations: list[Any] = []
-  if bool(data_config["xflip"]):
+  if bool(data_config["xflip"]) and not latent:  # latent datasets hold their flipped copies already
     operations.append(RandomXFlip())
   operations.append(grain.transforms.Batch(batch_size=batch_size, drop_remainder=True))
   workers = int(data_config["num_workers"])
@@ -247,7 +275,7 @@ def create_train_iterator(
   )
   fingerprint = {
       "source": repr(pre), "num_examples": info.num_examples, "batch_size": batch_size, "seed": int(seed),
-      "xflip": bool(data_config["xflip"]), "process_index": process_index,
+      "xflip": bool(data_config["xflip"]) and not latent, "process_index": process_index,
       "process_count": process_count, "num_workers": workers,
   }
   logging.info("train input: %s, process %d/%d shard of %d images, batch %d, xflip=%s, %d workers",

@@ -1,6 +1,6 @@
 """Patch-size schedules (host side) and the per-sample random crop with coordinate channels (device side).
 
-Patch Diffusion (METHOD.md §1) trains on random square patches of side ``s`` cut from full-resolution
+Patch Diffusion (docs/METHOD.md, "Training") trains on random square patches of side ``s`` cut from full-resolution
 images of side ``R``, with two extra input channels giving each pixel's location in the full image.
 Per step one size is used; a step with a smaller patch draws proportionally more images (the batch
 multiplier), so the image counter advances faster than the step count.
@@ -225,10 +225,10 @@ class PatchSchedule:
     return cls(
         int(config.data.resolution), p.schedule, float(p.real_p), bool(p.latent), int(config.seed),
         min_divisor=2 ** (len(config.model.channel_mult) - 1),
-        multigrid_long_cycle=tuple(float(f) for f in p.get("multigrid_long_cycle", (0.25, 0.5, 1.0))),
-        multigrid_short_cycle=bool(p.get("multigrid_short_cycle", False)),
-        multigrid_final_fraction=float(p.get("multigrid_final_fraction", 0.2)),
-        multigrid_lr_scaling=str(p.get("multigrid_lr_scaling", "linear")))
+        multigrid_long_cycle=tuple(float(f) for f in p.multigrid_long_cycle),
+        multigrid_short_cycle=bool(p.multigrid_short_cycle),
+        multigrid_final_fraction=float(p.multigrid_final_fraction),
+        multigrid_lr_scaling=str(p.multigrid_lr_scaling))
 
   # ---- the step plan: what the loop uses -------------------------------------------------------------
 

@@ -288,20 +288,7 @@ def preprocess(images: jnp.ndarray) -> jnp.ndarray:
 # ---- sharded feature extraction -----------------------------------------------------------------
 
 
-def host_local_rows(x: jax.Array) -> np.ndarray:
-  """Rows of a global array [N, ...] sharded on axis 0 that live on this process, in global order.
-
-  In a single process this is ``np.asarray(x)``; on several hosts it is this host's slice of the
-  batch, without any cross-host transfer (replicated shards are taken once).
-  """
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  pieces = {}
-  for shard in x.addressable_shards:
-    start = shard.index[0].start or 0
-    if start not in pieces:
-      pieces[start] = np.asarray(shard.data)
-  return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+host_local_rows = parallel.host_local_rows  # re-exported: the evaluation API names it here
 
 
 def make_feature_fn(params: Params, mesh: Optional[Mesh] = None, *,

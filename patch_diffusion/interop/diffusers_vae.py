@@ -320,3 +320,29 @@ def load_vae(path: Union[str, os.PathLike], config: ConfigLike = None, *,
   if cfg is None:
     cfg = infer_config({k: v.shape for k, v in state_dict.items()})
   return AutoencoderKL(cfg, dtype=dtype), convert_state_dict(state_dict, cfg)
+
+
+def to_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
+  """Flax VAE params -> a diffusers state dict (current attention names, PyTorch layouts, float32)."""
+  out = {}
+  for path, value in traverse_util.flatten_dict(dict(variables["params"])).items():
+    arr = np.asarray(value, np.float32)
+    if path[-1] == "kernel" and arr.ndim == 4:
+      arr = np.transpose(arr, (3, 2, 0, 1))  # [kh, kw, in, out] -> [out, in, kh, kw]
+    elif path[-1] == "kernel" and arr.ndim == 2:
+      arr = arr.T  # [in, out] -> [out, in]
+    out[_torch_name(path)] = np.ascontiguousarray(arr)
+  return out
+
+
+def save_vae(directory: Union[str, os.PathLike], config: VAEConfig, variables: Mapping) -> pathlib.Path:
+  """Writes a diffusers model directory (``config.json`` + ``diffusion_pytorch_model.safetensors``) that
+  diffusers and :func:`load_vae` both read; returns the directory."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  tmp = directory / f".{WEIGHTS_NAME}.{os.getpid()}.tmp"
+  save_file(to_state_dict(variables), str(tmp))
+  os.replace(tmp, directory / WEIGHTS_NAME)
+  (directory / CONFIG_NAME).write_text(json.dumps(config.to_diffusers_config(), indent=2) + "\n")
+  return directory

@@ -43,6 +43,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from patch_diffusion import fileio
+
 try:  # bfloat16 storages; ml_dtypes ships with JAX.
   import ml_dtypes
   _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -579,18 +581,6 @@ class TorchNetwork:
   extra: dict = dataclasses.field(default_factory=dict)
 
 
-def _plain(value):
-  if isinstance(value, Mapping):
-    return {str(k): _plain(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  if isinstance(value, (str, int, float, bool)) or value is None:
-    return value
-  if isinstance(value, np.generic):
-    return value.item()
-  return repr(value)
-
-
 def _is_state_dict(obj) -> bool:
   return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, np.ndarray) for v in obj.values())
 
@@ -603,7 +593,7 @@ def extract_network(obj, key: Optional[str] = "ema") -> TorchNetwork:
     state = _module_state(obj)
     kwargs = state.get("_init_kwargs")
     name = obj.class_name if isinstance(obj, PersistentObject) else f"{obj._module}.{obj._name}"
-    return TorchNetwork(dict(module_state_dict(obj)), name, _plain(kwargs) if kwargs is not None else None)
+    return TorchNetwork(dict(module_state_dict(obj)), name, fileio.jsonable(kwargs) if kwargs is not None else None)
   if _is_state_dict(obj):
     return TorchNetwork(dict(obj))
   if isinstance(obj, Mapping):
@@ -614,7 +604,7 @@ def extract_network(obj, key: Optional[str] = "ema") -> TorchNetwork:
     for k in candidates:
       if k in obj and (is_module(obj[k]) or _is_state_dict(obj[k])):
         net = extract_network(obj[k], key=None)
-        net.extra = {str(name): _plain(v) for name, v in obj.items()
+        net.extra = {str(name): fileio.jsonable(v) for name, v in obj.items()
                      if name != k and not is_module(v) and not _is_state_dict(v)}
         return net
   raise ValueError(f"no network found in the checkpoint (top level: {type(obj).__name__})")

@@ -55,22 +55,23 @@ def positive_float(text: str) -> float:
   return value
 
 
-def existing_file(text: str) -> pathlib.Path:
-  """argparse type: a path to an existing regular file (``~`` expanded)."""
+def _existing(text: str, files_only: bool) -> pathlib.Path:
   path = pathlib.Path(text).expanduser()
   if not path.exists():
-    raise argparse.ArgumentTypeError(f"no such file: {path}")
-  if not path.is_file():
+    raise argparse.ArgumentTypeError(f"no such file{'' if files_only else ' or directory'}: {path}")
+  if files_only and not path.is_file():
     raise argparse.ArgumentTypeError(f"{path} is not a regular file")
   return path
 
 
+def existing_file(text: str) -> pathlib.Path:
+  """argparse type: a path to an existing regular file (``~`` expanded)."""
+  return _existing(text, files_only=True)
+
+
 def existing_path(text: str) -> pathlib.Path:
   """argparse type: an existing file or directory (``~`` expanded)."""
-  path = pathlib.Path(text).expanduser()
-  if not path.exists():
-    raise argparse.ArgumentTypeError(f"no such file or directory: {path}")
-  return path
+  return _existing(text, files_only=False)
 
 
 def run(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None,

@@ -49,7 +49,8 @@ def _float_list(text: str) -> tuple[float, ...]:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m patch_diffusion.tools.convert_torch",
                               description=__doc__.split("\n\n")[0])
-  p.add_argument("src", type=cli.existing_file, help="network-snapshot-*.pkl, .pt/.pth or .npz")
+  p.add_argument("src", type=cli.existing_path, help="network-snapshot-*.pkl, .pt/.pth or .npz; or a diffusers "
+                 "VAE (directory with config.json + diffusion_pytorch_model.safetensors, or .safetensors)")
   p.add_argument("dst", help="output directory (Orbax variables + config.json)")
   p.add_argument("--key", default="ema", help="snapshot entry holding the network (default: ema)")
   p.add_argument("--arch", choices=registry.archs())
@@ -85,6 +86,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     if not sep:
       raise SystemExit(f"--set expects SECTION.FIELD=VALUE, got {item!r}")
     overrides[path.strip()] = parse_value(value.strip())
+  if _is_diffusers_vae(args.src):
+    return _convert_vae(args.src, args.dst)
   base = load_base_config(args.base_config) if args.base_config else None
   variables, config = convert(args.src, overrides, key=args.key, base_config=base)
   from patch_diffusion import checkpointing  # Orbax lives there only.
@@ -98,6 +101,29 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"  multi-stage: decoders {tuple(m.decoder_channels)}, stage boundaries {tuple(m.stage_boundaries)} "
           f"(a bare state dict does not record them: check they are the checkpoint's, else pass "
           f"--stage_boundaries)")
+  return 0
+
+
+def _is_diffusers_vae(src) -> bool:
+  """A diffusers VAE directory, or a .safetensors file (the networks this tool reads are pickles/zips)."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from patch_diffusion.interop import diffusers_vae  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(src)
+  return path.suffix == ".safetensors" or (path.is_dir() and (
+      (path / diffusers_vae.WEIGHTS_NAME).is_file() or (path / "vae" / diffusers_vae.WEIGHTS_NAME).is_file()))
+
+
+def _convert_vae(src, dst) -> int:
+  """A diffusers VAE (either attention naming, any float dtype) -> a float32 diffusers directory with the
+  current names, read without torch; latent runs use it as ``--config.model.vae=DST``."""
+  from patch_diffusion.interop import diffusers_vae  # pylint: disable=g-import-not-at-top
+  module, variables = diffusers_vae.load_vae(src)
+  diffusers_vae.save_vae(dst, module.config, variables)
+  cfg = module.config
+  n_params = sum(int(np.size(v)) for v in _leaves(variables["params"]))
+  print(f"converted VAE {src} -> {dst}: AutoencoderKL ({n_params / 1e6:.2f} M parameters), "
+        f"{cfg.downsample_factor}x downsampling, {cfg.latent_channels} latent channels, scaling factor "
+        f"{cfg.scaling_factor}; use it with --config.model.vae={dst}")
   return 0
 
 
