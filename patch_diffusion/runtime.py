@@ -14,13 +14,16 @@ steps then fault 0 times. The price: the process keeps its peak heap (for CPU tr
 step's temporaries, which it needs again next step), and all threads share one malloc arena.
 
 It must run before the JAX backend starts (the first array or device query): arenas, once a thread
-has one, stay. ``patch_diffusion.main`` and the benchmarks call it first thing; set
-``PATCH_DIFFUSION_MALLOC=default`` to keep glibc's defaults.
+has one, stay. ``patch_diffusion.main`` calls it first thing on a CPU-only host (:func:`cpu_only_host`:
+with a GPU or TPU the big temporaries live in device memory, and one shared malloc arena would only
+slow the input pipeline's threads), and the benchmarks call it; set ``PATCH_DIFFUSION_MALLOC=default``
+to keep glibc's defaults.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import os
 import sys
 
@@ -63,3 +66,12 @@ def retain_host_memory() -> bool:
     return False
   _applied = ok
   return ok
+
+
+def cpu_only_host() -> bool:
+  """True when JAX will run on the CPU: ``JAX_PLATFORMS`` is ``cpu``, or unset with no GPU or TPU
+  device files (``/dev/nvidia[0-9]*``, ``/dev/accel*``, ``/dev/vfio/[0-9]*``). Starts no backend."""
+  platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:
+    return platforms.split(",")[0] == "cpu"
+  return not any(glob.glob(p) for p in ("/dev/nvidia[0-9]*", "/dev/accel*", "/dev/vfio/[0-9]*"))
