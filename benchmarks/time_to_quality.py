@@ -3,6 +3,12 @@
   python benchmarks/time_to_quality.py --config configs/digits.py --budget_min 12 --evals 4 --samples 500
   python benchmarks/time_to_quality.py --config configs/digits.py --variant full:patch.real_p=1.0 \\
       --variant patch:patch.real_p=0.5 --variant progressive:patch.schedule=progressive --budget_min 20
+  python benchmarks/time_to_quality.py --config configs/digits.py --variant patch: \\
+      --variant multistage:config=configs/digits_multistage.py --budget_min 8
+
+A variant is ``NAME:overrides``: overrides separated by ``,`` (or by ``;`` when a value holds a comma,
+e.g. ``ms:model.decoder_channels=(48,32,8);model.arch=ddpmpp-multistage``); ``config=PATH`` swaps the
+variant's config file (``--set`` still applies to every variant).
 
 Each variant trains the same network from the same seed with the trainer itself
 (``train.train_and_evaluate``) plus a hook that, at ``--evals`` evenly spaced points of the training
@@ -108,6 +114,22 @@ def plot(results: list[dict], path: str, title: str) -> None:
   fig.savefig(path, dpi=120)
 
 
+def parse_variant(spec: str, default_config: str) -> tuple[str, str, list[str]]:
+  """``NAME:o1,o2`` (or ``NAME:o1;o2``) -> (name, config file, overrides); ``config=PATH`` picks the file."""
+  name, _, rest = spec.partition(":")
+  if not name:
+    raise ValueError(f"--variant {spec!r}: give it a name, NAME:overrides")
+  parts = [o.strip() for o in rest.split(";" if ";" in rest else ",") if o.strip()]
+  config_path = default_config
+  overrides = []
+  for o in parts:
+    if o.startswith("config="):
+      config_path = cli.existing_file(o[len("config="):])
+    else:
+      overrides.append(o)
+  return name, str(config_path), overrides
+
+
 def _main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python benchmarks/time_to_quality.py", description=__doc__.split("\n\n")[0])
   p.add_argument("--config", required=True, type=cli.existing_file)
@@ -123,8 +145,8 @@ def _main(argv=None) -> int:
   variants = args.variant or ["full:patch.real_p=1.0", "patch:patch.real_p=0.5"]
   results = []
   for spec in variants:
-    name, _, overrides = spec.partition(":")
-    config = common.load_config(str(args.config), args.set + [o for o in overrides.split(",") if o])
+    name, config_path, overrides = parse_variant(spec, str(args.config))
+    config = common.load_config(config_path, args.set + overrides)
     with tempfile.TemporaryDirectory() as tmp:
       results.append(run_variant(config, name, args.budget_min * 60, args.evals, args.samples, tmp))
   target = results[0]["records"][-1]["fid"]
@@ -133,7 +155,7 @@ def _main(argv=None) -> int:
     r["minutes_to_first_variant_final_fid"] = None if reach is None else round(reach / 60, 2)
   base = os.path.splitext(os.path.basename(str(args.config)))[0]
   out = args.out or os.path.join(common.ROOT, "benchmarks", "results", f"time_to_quality_{base}")
-  payload = {"machine": common.machine(), "config": str(args.config), "overrides": args.set,
+  payload = {"machine": common.machine(), "config": str(args.config), "overrides": args.set, "variants": variants,
              "budget_min": args.budget_min, "samples": args.samples, "target_fid": target, "results": results}
   common.write_json(out + ".json", payload)
   plot(results, out + ".png", f"{base}: FID ({args.samples} samples) vs training time")

@@ -90,6 +90,9 @@ def main(argv, extra_hooks_for=None) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.set_verbosity(logging.INFO)
   try:
+    from patch_diffusion import runtime  # pylint: disable=g-import-not-at-top
+    if runtime.cpu_only_host():  # before JAX starts its backend (see runtime's docstring)
+      runtime.retain_host_memory()
     _init_distributed()
     if FLAGS.compilation_cache:
       _enable_compilation_cache()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from typing import Iterator, Optional, Sequence
 
@@ -173,7 +174,35 @@ def upsample(x: Array, taps: Sequence[float], padding: int) -> Array:
   return _depthwise(x, f[::-1, ::-1].copy(), stride=1, padding=k - 1 - padding, lhs_dilation=2)
 
 
+#: XLA:CPU: convolutions over at most this many output positions (a 4×4 map: the lowest U-Net level of a
+#: 16-pixel patch) run as one matmul over their gathered taps (im2col). XLA:CPU's convolution kernels
+#: (and above all their weight gradients) are slow on tiny maps; the matmul form made the demo's patch-4
+#: and patch-8 steps 1.43× and 1.30× faster and lost at 8×8 maps (benchmarks/README.md). Same sums, other
+#: order: results agree to float32 rounding. Other backends keep the convolution.
+IM2COL_MAX_POSITIONS = 16
+
+
+def _conv_im2col(x: Array, kernel: Array, padding: int) -> Array:
+  """``_conv`` as a matmul over the stacked shifted views of the padded input (taps whose window lies
+  entirely in the zero padding add exact zeros and are skipped)."""
+  k = kernel.shape[0]
+  _, h, w, _ = x.shape
+  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  ho, wo = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+
+  def live(i, n_in, n_out):
+    return i + n_out > padding and i < padding + n_in
+
+  taps = [(i, j) for i in range(k) for j in range(k) if live(i, h, ho) and live(j, w, wo)]
+  cols = jnp.concatenate([xp[:, i:i + ho, j:j + wo, :] for i, j in taps], axis=-1)
+  return cols @ jnp.concatenate([kernel[i, j] for i, j in taps], axis=0)
+
+
 def _conv(x: Array, kernel: Array, padding: int) -> Array:
+  """Stride-1 'same'-style convolution of ``x`` [N,H,W,Cin] with ``kernel`` [k,k,Cin,Cout]."""
+  out_positions = (x.shape[1] + 2 * padding - kernel.shape[0] + 1) * (x.shape[2] + 2 * padding - kernel.shape[1] + 1)
+  if kernel.shape[0] > 1 and out_positions <= IM2COL_MAX_POSITIONS and jax.default_backend() == "cpu":
+    return _conv_im2col(x, kernel, padding)
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(1, 1), padding=[(padding, padding)] * 2,
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -280,6 +309,66 @@ class Conv2d(nn.Module):
     return x
 
 
+def _group_sums(v: Array, groups: int) -> Array:
+  """Per-(sample, group) sums of ``v`` [N, P, C] (P positions) -> [N, G]: over positions first (a column
+  reduction, C contiguous), then over each group's C/G channels; reducing a [N, P, G, C/G] view directly
+  is about 4× slower on XLA:CPU (strided inner loop)."""
+  n, _, c = v.shape
+  return v.sum(axis=1).reshape(n, groups, c // groups).sum(axis=-1)
+
+
+def _per_channel(v: Array, channels: int) -> Array:
+  """[N, G] -> [N, 1, C]: each group's value repeated over its channels."""
+  return jnp.repeat(v, channels // v.shape[1], axis=1)[:, None, :]
+
+
+def _group_norm_fwd(x: Array, scale: Array, bias: Array, groups: int, eps: float):
+  _, p, c = x.shape
+  count = p * (c // groups)
+  mean = _group_sums(x, groups) / count
+  centered = x - _per_channel(mean, c)
+  rstd = jax.lax.rsqrt(_group_sums(jnp.square(centered), groups) / count + eps)
+  return centered * _per_channel(rstd, c) * scale + bias, (x, mean, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm(x: Array, scale: Array, bias: Array, groups: int, eps: float) -> Array:
+  return _group_norm_fwd(x, scale, bias, groups, eps)[0]
+
+
+def _group_norm_bwd(groups: int, eps: float, res, dy: Array):
+  """Exact gradient in three passes over the activations. With x̂ = (x − μ)·r, y = x̂·γ + β and M
+  elements per group: dx = r·(γ·dy − mean_g(γ·dy) − x̂·mean_g(γ·dy·x̂)), dγ = Σ dy·x̂, dβ = Σ dy."""
+  del eps
+  x, mean, rstd, scale = res
+  n, p, c = x.shape
+  count = p * (c // groups)
+  xhat = (x - _per_channel(mean, c)) * _per_channel(rstd, c)
+  dy_sum = dy.sum(axis=1)                   # [N, C]
+  dyx_sum = (dy * xhat).sum(axis=1)         # [N, C]
+  a = (dy_sum * scale).reshape(n, groups, -1).sum(-1) / count
+  b = (dyx_sum * scale).reshape(n, groups, -1).sum(-1) / count
+  dx = _per_channel(rstd, c) * (dy * scale - _per_channel(a, c) - xhat * _per_channel(b, c))
+  return dx, dyx_sum.sum(axis=0), dy_sum.sum(axis=0)
+
+
+_group_norm.defvjp(lambda x, s, b, g, e: _group_norm_fwd(x, s, b, g, e), _group_norm_bwd)
+
+
+def group_norm(x: Array, scale: Array, bias: Array, groups: int, eps: float) -> Array:
+  """Group normalisation of ``x`` [N, ..., C] (channels last) with float32 statistics (mean, then the
+  biased variance of the centred values); output in ``x.dtype``. ``scale``/``bias``: [C]; channel c is
+  in group c // (C / G), as in PyTorch.
+
+  The backward pass is written out (``_group_norm_bwd``): XLA's derivative of the reshaped form takes
+  about twice as many passes over the activations; the demo's patch-16 step is 1.15× faster on XLA:CPU.
+  """
+  shape = x.shape
+  x32 = x.astype(jnp.float32).reshape(shape[0], -1, shape[-1])
+  y = _group_norm(x32, scale.astype(jnp.float32), bias.astype(jnp.float32), groups, float(eps))
+  return y.reshape(shape).astype(x.dtype)
+
+
 class GroupNorm(nn.Module):
   """Group normalisation with EDM's group count ``min(num_groups, C // min_channels_per_group)``.
 
@@ -299,13 +388,7 @@ class GroupNorm(nn.Module):
       raise ValueError(f"GroupNorm: {c} channels cannot be split into {g} groups")
     scale = make_param(self, "scale", Recipe("const", 1.0), (c,))
     bias = make_param(self, "bias", Recipe("const", 0.0), (c,))
-    x32 = x.astype(jnp.float32)
-    xg = x32.reshape(x.shape[:-1] + (g, c // g))
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    mean = xg.mean(axis=axes, keepdims=True)
-    var = jnp.square(xg - mean).mean(axis=axes, keepdims=True)
-    y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-    return (y * scale + bias).astype(x.dtype)
+    return group_norm(x, scale, bias, g, self.eps)
 
 
 class PositionalEmbedding(nn.Module):
