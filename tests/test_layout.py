@@ -19,7 +19,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "patch_diffusion"
 #: package. A module may import only modules of its own layer or below.
 LAYERS: list[tuple[str, ...]] = [
     # 0: no project imports
-    ("user_cache", "fileio", "progress", "lazy"),
+    ("user_cache", "fileio", "progress", "lazy", "runtime"),
     # 1: pure numerics and small utilities
     ("image_grid", "parallel", "edm.*", "data.patches", "data.preprocess", "data.augment", "models.*",
      "state", "evaluation.inception", "evaluation.fid"),

@@ -141,6 +141,14 @@ def stage_plan(settings: SamplerSettings, boundaries, dtype=np.float32) -> list[
   return segments
 
 
+def _check_churn_inputs(s: SamplerSettings, latents, key, step_noise) -> None:
+  if s.S_churn > 0 and key is None and step_noise is None:
+    raise ValueError("S_churn > 0 needs a PRNG key (or step_noise)")
+  if step_noise is not None and tuple(step_noise.shape) != (s.num_steps,) + tuple(latents.shape):
+    raise ValueError(f"step_noise must have shape {(s.num_steps,) + tuple(latents.shape)}, got "
+                     f"{tuple(step_noise.shape)}")
+
+
 def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, key: jax.Array | None = None,
                class_labels: Optional[jnp.ndarray] = None, settings: SamplerSettings = SamplerSettings(),
                *, step_noise: Optional[jnp.ndarray] = None, stage_boundaries=()) -> jnp.ndarray:
@@ -172,11 +180,7 @@ def edm_sample(denoise_fn: DenoiseFn, latents: jnp.ndarray, x_pos: jnp.ndarray, 
   n = latents.shape[0]
   if x_pos.ndim == 3:
     x_pos = jnp.broadcast_to(x_pos, (n,) + x_pos.shape)
-  if s.S_churn > 0 and key is None and step_noise is None:
-    raise ValueError("S_churn > 0 needs a PRNG key (or step_noise)")
-  if step_noise is not None and tuple(step_noise.shape) != (s.num_steps,) + tuple(latents.shape):
-    raise ValueError(f"step_noise must have shape {(s.num_steps,) + tuple(latents.shape)}, got "
-                     f"{tuple(step_noise.shape)}")
+  _check_churn_inputs(s, latents, key, step_noise)
   t_steps = jnp.asarray(sigma_steps(s.num_steps, s.sigma_min, s.sigma_max, s.rho), dtype)
   denoise = guided(denoise_fn, s.guidance)
   gamma_max = min(s.S_churn / s.num_steps, np.sqrt(2) - 1)
