@@ -2,9 +2,8 @@
 inside scikit-learn, so it runs offline), upscaled to 16×16 grayscale. Trains on a 2-core laptop CPU in a
 few minutes and writes a sample grid and ``samples.npz`` (1,000 samples).
 
-Measured on the 2-core development machine (2026-11-26): 7 min 48 s wall in all — 70 s compiling the three
-step executables, 387 s training 80 kimg (658 steps), 68 s sampling 1,000 images (18 Heun steps); final
-loss 44.2; FID 27.2 against the 1,797 digits (1,000 samples, --mode=eval).
+Wall time, FID and the comparison with full-image training on this network: README "Results and
+benchmarks" (each figure with the command that printed it; logs and JSON in benchmarks/results/).
 
   python -m patch_diffusion.main --config=configs/digits.py --workdir=/tmp/pd_digits
 

@@ -15,6 +15,7 @@ import optax
 import pytest
 from scipy import stats
 
+from patch_diffusion import evaluate
 from patch_diffusion import experiment
 from patch_diffusion import generate
 from patch_diffusion import checkpointing
@@ -352,6 +353,21 @@ def test_multistage_sample_mode(multistage_run):
   with np.load(generate.sample(c, workdir)) as f:
     images = f["images"]
   assert images.shape == (16, 16, 16, 1) and images.dtype == np.uint8 and images.std() > 0
+
+
+def test_multistage_eval_mode(multistage_run, tmp_path):
+  """--mode=eval of the multi-stage run: FID of the EMA network's samples (stages chosen per step)."""
+  from patch_diffusion.evaluation import inception_weights  # pylint: disable=import-outside-toplevel
+  if not inception_weights.default_cache_path().exists():
+    pytest.fail("Inception weights missing; run python -m patch_diffusion.tools.fetch_inception")
+  c, workdir, _ = multistage_run
+  c = c.copy_and_resolve_references()
+  with c.unlocked():
+    c.data.data_dir = str(tmp_path / "refs")
+    c.eval.num_samples, c.eval.batch_size, c.eval.ref_num_images = 8, 8, 16
+    c.eval.kid, c.eval.precision_recall = False, False
+  record = evaluate.evaluate(c, workdir)
+  assert record["step"] == 4 and np.isfinite(record["fid"]) and record["fid"] > 0
 
 
 # ---- the sampler's decoder per step --------------------------------------------------------------------
