@@ -30,6 +30,7 @@ _NORMALISE = [
     (re.compile(r"\d{8}-\d{6}"), "<time>"),
     (re.compile(r"\b\d+(\.\d+)? s ago"), "<n> s ago"),
     (re.compile(r"\bin \d+\.\d+ s\b"), "in <t> s"),
+    (re.compile(r"stopped at step \d+; checkpoint \d+"), "stopped at step <n>; checkpoint <n>"),  # signal timing
 ]
 
 
