@@ -31,6 +31,13 @@ _NORMALISE = [
     (re.compile(r"\b\d+(\.\d+)? s ago"), "<n> s ago"),
     (re.compile(r"\bin \d+\.\d+ s\b"), "in <t> s"),
     (re.compile(r"stopped at step \d+; checkpoint \d+"), "stopped at step <n>; checkpoint <n>"),  # signal timing
+    # Orbax/OCDBT lays out a checkpoint differently from run to run: how many data files, their random
+    # names and their sizes vary, so which file a case damaged and its byte counts are not part of the doc.
+    (re.compile(r"/d/[0-9a-f]{32}\b"), "/d/<file>"),
+    (re.compile(r"\b\d+ bytes, the manifest says \d+"), "<n> bytes, the manifest says <m>"),
+    (re.compile(r"<tmp>/t\d+/"), "<tmp>/t<i>/"),
+    # where a cut manifest stops parsing depends on its length (and so on the layout above)
+    (re.compile(r"JSONDecodeError: [^()]*line \d+ column \d+ \(char \d+\)"), "JSONDecodeError: <where the cut fell>"),
 ]
 
 

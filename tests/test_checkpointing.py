@@ -107,7 +107,7 @@ def test_truncating_any_one_file_is_detected(saved, tmp_path):
     path.write_bytes(blob[: len(blob) // 2])
     err = _assert_refused(work, second, rf"checkpoint 2 .* is damaged and was not restored: {name}: "
                                         rf"{len(blob) // 2} bytes, the manifest says {len(blob)}")
-  record(GROUP, f"any one file of the newest checkpoint truncated to half ({len(names)} files, one at a time)",
+  record(GROUP, "any one file of the newest checkpoint truncated to half (every file, one at a time)",
          "CheckpointDamagedError naming the file; nothing restored; every checkpoint unchanged; how to resume "
          "from the previous one", message(err))
 
