@@ -1,9 +1,14 @@
 """Every test sees 8 fake CPU devices; set before JAX is imported anywhere."""
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# The tests' networks are tiny, so a cold run is bound by XLA:CPU compile time, most of it LLVM's
+# optimisation passes: level 0 measured tests/test_train.py cold at 223 s against 335 s (2 cores).
+# It changes machine code only (not the HLO); bit-exact tests compare two runs compiled alike and parity
+# tests keep their tolerances. Set the flag yourself to test with another level.
+if "--xla_backend_optimization_level" not in _flags:
+  _flags += " --xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
