@@ -5,11 +5,14 @@ import pathlib
 import struct
 import zlib
 
+import jax
 import ml_collections
 import numpy as np
 
 from configs import tiny_test
+from patch_diffusion import checkpointing
 from patch_diffusion import configs_io
+from patch_diffusion import experiment
 from patch_diffusion.data import patches
 
 
@@ -48,3 +51,14 @@ def write_png16_rgb(path: pathlib.Path, arr: np.ndarray) -> None:
 
   body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(raw))
   path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b""))
+
+
+def restore_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int | None = None):
+  """(TrainState on the host, metadata) of ``<workdir>/checkpoints`` at ``step`` (None: the newest)."""
+  exp = experiment.build_experiment(config)
+  ckpt = checkpointing.Checkpointer(f"{workdir}/checkpoints")
+  try:
+    state, meta = ckpt.restore(experiment.abstract_train_state(exp), step)
+  finally:
+    ckpt.close()
+  return jax.device_get(state), meta

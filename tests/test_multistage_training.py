@@ -29,7 +29,7 @@ from patch_diffusion.edm import precond as precond_lib
 from patch_diffusion.edm import sampler as sampler_lib
 from patch_diffusion.edm import stages as stages_lib
 from patch_diffusion.models import create_model, init_params, stage_of_sigma
-from helpers import read_jsonl, steps_to_kimg, tiny
+from helpers import read_jsonl, restore_checkpoint, steps_to_kimg, tiny
 
 DEFAULT_BOUNDARIES = (2.5103, 7.6577)
 #: Boundaries for the tiny runs: stages of probability 0.50 / 0.34 / 0.16 under EDM's log-normal, so a
@@ -295,14 +295,6 @@ def test_bad_multistage_config_names_the_field(overrides, field):
 # ---- the trainer end to end ----------------------------------------------------------------------
 
 
-def _restore(workdir, config):
-  exp = experiment.build_experiment(config)
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state, meta = ckpt.restore(experiment.abstract_train_state(exp))
-  ckpt.close()
-  return jax.device_get(state), meta
-
-
 @pytest.fixture(scope="module")
 def multistage_run(tmp_path_factory):
   """4 steps of the tiny 3-stage config (8 fake devices), a log line per step."""
@@ -322,7 +314,7 @@ def test_multistage_run_trains_the_scheduled_stage_of_every_step(multistage_run)
   got = [[int(k.split("_")[-1]) for k in r if k.startswith("frac_steps_stage_")] for r in records]
   assert got == [[s] for s in want]
   # Each decoder's Adam count is the number of steps that trained it; the shared part counts them all.
-  state, _ = _restore(workdir, c)
+  state, _ = restore_checkpoint(workdir, c)
   assert [int(s.count) for s in state.opt_state.decoders] == [want.count(k) for k in range(3)]
   assert int(state.opt_state.shared.count) == 4
   # A stage never trained keeps its initial parameters exactly.
@@ -341,8 +333,8 @@ def test_multistage_interrupted_and_resumed_run_matches_uninterrupted(multistage
   assert train.train_and_evaluate(first, str(tmp_path))["step"] == 2
   result = train.train_and_evaluate(c, str(tmp_path))
   assert result["step"] == 4 and result["resumed_from"] == 2
-  a, meta_a = _restore(workdir, c)
-  b, meta_b = _restore(str(tmp_path), c)
+  a, meta_a = restore_checkpoint(workdir, c)
+  b, meta_b = restore_checkpoint(str(tmp_path), c)
   assert meta_a["data_state"] == meta_b["data_state"]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)

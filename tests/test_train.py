@@ -16,17 +16,7 @@ from patch_diffusion import steps as steps_lib
 from patch_diffusion import train
 from patch_diffusion.edm import precond as precond_lib
 from patch_diffusion.data import datasets
-from helpers import read_jsonl, steps_to_kimg, tiny
-
-
-def restore_params(workdir, config, step=None):
-  exp = experiment.build_experiment(config)
-  template = jax.device_put(state_lib.create_train_state(exp.init_variables(jax.random.key(0)), exp.tx),
-                            parallel.replicated(exp.mesh))
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-  state, meta = ckpt.restore(template, step)
-  ckpt.close()
-  return jax.device_get(state), meta
+from helpers import read_jsonl, restore_checkpoint, steps_to_kimg, tiny
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +59,8 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(uninterrupted, tmp_pa
   # steps 4-6 only: every step is logged exactly once over the two runs.
   assert result["step"] == 6 and result["resumed_from"] == 3
   assert [r["step"] for r in read_jsonl(os.path.join(resumed_dir, "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
-  a, meta_a = restore_params(workdir, c)
-  b, meta_b = restore_params(resumed_dir, c)
+  a, meta_a = restore_checkpoint(workdir, c)
+  b, meta_b = restore_checkpoint(resumed_dir, c)
   assert meta_a["nimg"] == pytest.approx(meta_b["nimg"]) and meta_a["data_state"] == meta_b["data_state"]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
