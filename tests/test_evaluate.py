@@ -47,11 +47,7 @@ def eval_config(data_dir, **eval_overrides):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  weights = inception_weights.default_cache_path()
-  if not weights.exists():
-    pytest.fail(f"Inception weights missing at {weights}; fetch them with:\n  "
-                f"python -m patch_diffusion.tools.fetch_inception")
+def trained(tmp_path_factory, inception_weights_path):  # pylint: disable=unused-argument
   root = tmp_path_factory.mktemp("run_eval")
   c = eval_config(root / "data")
   workdir = str(root / "work")

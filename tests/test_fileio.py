@@ -23,7 +23,6 @@ from patch_diffusion import evaluate
 from patch_diffusion import fileio
 from patch_diffusion import generate
 from patch_diffusion import train
-from patch_diffusion.evaluation import inception_weights
 from helpers import steps_to_kimg, tiny
 
 
@@ -75,9 +74,8 @@ def _files(folder: pathlib.Path) -> set[str]:
           for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.usefixtures("inception_weights_path")
 def test_gs_workdir_gets_every_artifact_like_a_local_one(fake_gcs, tmp_path):
-  if not inception_weights.default_cache_path().exists():
-    pytest.fail("Inception weights missing; run python -m patch_diffusion.tools.fetch_inception")
   outputs = {}
   for kind, workdir in (("gs", "gs://bucket/run"), ("local", str(tmp_path / "local_run"))):
     c = tiny(**{"patch.real_p": 1.0, "model.channel_mult": (1,), "model.attn_resolutions": (),

@@ -347,11 +347,9 @@ def test_multistage_sample_mode(multistage_run):
   assert images.shape == (16, 16, 16, 1) and images.dtype == np.uint8 and images.std() > 0
 
 
+@pytest.mark.usefixtures("inception_weights_path")
 def test_multistage_eval_mode(multistage_run, tmp_path):
   """--mode=eval of the multi-stage run: FID of the EMA network's samples (stages chosen per step)."""
-  from patch_diffusion.evaluation import inception_weights  # pylint: disable=import-outside-toplevel
-  if not inception_weights.default_cache_path().exists():
-    pytest.fail("Inception weights missing; run python -m patch_diffusion.tools.fetch_inception")
   c, workdir, _ = multistage_run
   c = c.copy_and_resolve_references()
   with c.unlocked():
