@@ -146,8 +146,9 @@ def _main(argv=None) -> int:
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   config = common.load_config(str(args.config), args.set)
+  cpu = common.cpu_runtime(config)  # before the backend starts: as patch_diffusion.main runs
   result = run(config, args.steps, args.traced_stage)
-  result.update(config=str(args.config), overrides=args.set, steps=args.steps, batch_size=config.train.batch_size,
+  result.update(cpu_runtime=cpu, config=str(args.config), overrides=args.set, steps=args.steps, batch_size=config.train.batch_size,
                 traced_stage=args.traced_stage)
   name = os.path.splitext(os.path.basename(str(args.config)))[0] + ("_traced_stage" if args.traced_stage else "")
   out = args.out or os.path.join(common.ROOT, "benchmarks", "results", f"train_step_{name}.json")

@@ -21,8 +21,10 @@ benchmark aid only, never a dependency of the package or its tests; without it (
 benchmark says so in one line and measures this project's side alone.
 
 Both workers use every core (torch.set_num_threads(os.cpu_count()); XLA's default pool). Our worker
-applies this project's CPU runtime defaults (``patch_diffusion.runtime.retain_host_memory``); the
-official worker runs with the allocator it has by default.
+applies this project's CPU runtime defaults, as ``patch_diffusion.main`` does (``benchmarks/common.py``
+``cpu_runtime``: the host allocator setting and the CPU split into data-parallel devices,
+``PATCH_DIFFUSION_CPU_DEVICES=1`` for one device); the official worker runs with the allocator it has
+by default.
 """
 from __future__ import annotations
 
@@ -71,19 +73,18 @@ def _timed(fn, repeats: int) -> list[float]:
 def jax_worker(args) -> None:
   """This project's compiled train steps (one per patch size) and sampler."""
   sys.path.insert(0, ROOT)
-  from patch_diffusion import runtime  # pylint: disable=g-import-not-at-top
-  allocator = runtime.retain_host_memory()  # before the backend starts
   sys.path.insert(0, HERE)
   import common  # pylint: disable=g-import-not-at-top
+  config = common.load_config(args.config, args.set)
+  cpu = common.cpu_runtime(config)  # before the backend starts: as patch_diffusion.main runs
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from patch_diffusion import parallel, train  # pylint: disable=g-import-not-at-top
+  from patch_diffusion import experiment, parallel, train  # pylint: disable=g-import-not-at-top
   from patch_diffusion import state as state_lib  # pylint: disable=g-import-not-at-top
   from patch_diffusion.edm import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
 
   jax.config.update("jax_threefry_partitionable", True)
-  config = common.load_config(args.config, args.set)
-  exp = train.build_experiment(config, check_data=False)
+  exp = experiment.build_experiment(config, check_data=False)
   holder = {}
   key = jax.random.key(1)
 
@@ -91,7 +92,11 @@ def jax_worker(args) -> None:
     t0 = time.perf_counter()
     state = jax.device_put(state_lib.create_train_state(exp.init_variables(jax.random.key(0)), exp.tx),
                            parallel.replicated(exp.mesh))
-    compiled = train.compile_steps(exp, state, key, config.train.batch_size)
+    if exp.stages is not None:
+      raise SystemExit("vs_pytorch compares single-decoder networks only (the official code has no stages)")
+    # One executable per (patch size, batch multiplier); the schedule has one multiplier per size.
+    compiled = {variant[0]: exe for variant, exe in
+                train.compile_steps(exp, state, key, config.train.batch_size).items()}
     rng = np.random.default_rng(0)
     sched = exp.schedule
     batches = {}
@@ -102,7 +107,8 @@ def jax_worker(args) -> None:
           "label": rng.integers(0, max(exp.num_classes, 1), (n,)).astype(np.int32)}, exp.mesh)
     holder.update(state=state, compiled=compiled, batches=batches, generate={})
     return {"params": state_lib.param_count(state.params), "setup_s": time.perf_counter() - t0,
-            "sizes": list(compiled), "host_allocator_retained": allocator,
+            "sizes": list(compiled), "host_allocator_retained": cpu["host_allocator_retained"],
+            "cpu_devices": jax.device_count(),
             "jax": jax.__version__, "device": jax.devices()[0].device_kind}
 
   def train_steps(size, steps):

@@ -28,6 +28,11 @@ flags.DEFINE_bool("compilation_cache", True,
                   "Keep compiled executables in a persistent cache ($JAX_COMPILATION_CACHE_DIR, else "
                   "<user cache>/xla): a second run with the same shapes skips XLA compilation. "
                   "--nocompilation_cache turns it off.")
+flags.DEFINE_integer("cpu_devices", 0,
+                     "CPU-only hosts: split the CPU into this many XLA devices and run data-parallel over them "
+                     "(0: automatic, the largest count <= min(cores, 8) that divides each process's share of "
+                     "train.batch_size / train.grad_accum_steps; 1: one device). Ignored when XLA_FLAGS sets "
+                     "--xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES is set.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -93,6 +98,8 @@ def main(argv, extra_hooks_for=None) -> None:
     from patch_diffusion import runtime  # pylint: disable=g-import-not-at-top
     if runtime.cpu_only_host():  # before JAX starts its backend (see runtime's docstring)
       runtime.retain_host_memory()
+      nproc = FLAGS.num_processes or _env_int("PATCH_DIFFUSION_NUM_PROCESSES") or 1
+      runtime.use_cpu_devices(FLAGS.cpu_devices or runtime.cpu_devices_for(FLAGS.config, nproc))
     _init_distributed()
     if FLAGS.compilation_cache:
       _enable_compilation_cache()

@@ -8,16 +8,25 @@ demo step at patch 16, ≈25 % of the step's CPU time on the 2-core development 
 tensors (a few MB each) stay under the threshold and are reused, so it does not pay this.
 
 :func:`retain_host_memory` makes glibc serve large blocks from its heap and keep freed memory
-(``M_ARENA_MAX=1``: one arena, because blocks above 64 MB cannot come from a thread's secondary arena;
-``M_MMAP_MAX=0``: no ``mmap`` blocks; ``M_TRIM_THRESHOLD`` −1: never shrink the heap). Steady-state
-steps then fault 0 times. The price: the process keeps its peak heap (for CPU training, the largest
-step's temporaries, which it needs again next step), and all threads share one malloc arena.
+(``M_MMAP_MAX=0``: no ``mmap`` blocks; ``M_TRIM_THRESHOLD`` −1: never shrink the heap; ``M_ARENA_MAX``
+max(4, 2 × cores): few enough arenas that every thread's big blocks land in a heap that is kept).
+Steady-state steps then fault 0 times. The price: the process keeps its peak heap (for CPU training, the
+largest step's temporaries, which it needs again next step). One single arena (``M_ARENA_MAX=1``, this
+module's setting before 2026-12) also stops the faults but makes XLA's worker threads queue for one malloc
+lock: on a 2-core Xeon it made the demo's steps 1.2–2× slower (patch 4: 307 → 153 ms; sampler 1158 →
+795 ms per evaluation at batch 500; README.md, "Results and benchmarks").
 
-It must run before the JAX backend starts (the first array or device query): arenas, once a thread
-has one, stay. ``patch_diffusion.main`` calls it first thing on a CPU-only host (:func:`cpu_only_host`:
-with a GPU or TPU the big temporaries live in device memory, and one shared malloc arena would only
-slow the input pipeline's threads), and the benchmarks call it; set ``PATCH_DIFFUSION_MALLOC=default``
-to keep glibc's defaults.
+**CPU devices.** :func:`use_cpu_devices` splits the host CPU into several XLA devices, so the step runs
+data-parallel over them (the batch sharded over the mesh's ``'data'`` axis, the gradient all-reduced,
+arithmetic per example unchanged). XLA:CPU runs one executable's operations on its thread pool, but the
+many small operations of a diffusion U-Net leave the threads idle about 40 % of a step (a profile of the
+demo's patch-16 step); two devices, each with its own stream of operations, keep both cores of a laptop
+busy. :func:`default_cpu_devices` picks the count ``main`` uses.
+
+Both must run before the JAX backend starts (the first array or device query): arenas, once a thread
+has one, stay, and the device count is fixed at start-up. ``patch_diffusion.main`` calls them first thing
+on a CPU-only host (:func:`cpu_only_host`: with a GPU or TPU the big temporaries live in device memory),
+and the benchmarks call them; set ``PATCH_DIFFUSION_MALLOC=default`` to keep glibc's defaults.
 """
 from __future__ import annotations
 
@@ -61,7 +70,7 @@ def retain_host_memory() -> bool:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     libc.gnu_get_libc_version  # pylint: disable=pointless-statement  (glibc only: musl has no mallopt knobs)
     ok = all(libc.mallopt(opt, value) == 1 for opt, value in
-             ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
+             ((_M_ARENA_MAX, max(4, 2 * (os.cpu_count() or 1))), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
   except (OSError, AttributeError):
     return False
   _applied = ok
@@ -75,3 +84,44 @@ def cpu_only_host() -> bool:
   if platforms:
     return platforms.split(",")[0] == "cpu"
   return not any(glob.glob(p) for p in ("/dev/nvidia[0-9]*", "/dev/accel*", "/dev/vfio/[0-9]*"))
+
+
+#: Most CPU devices :func:`default_cpu_devices` makes: beyond this, per-device batches get too small for
+#: XLA's kernels on a many-core host, and each device holds a copy of the parameters and optimiser state.
+MAX_CPU_DEVICES = 8
+
+
+def default_cpu_devices(batch_size: int, cores: int | None = None) -> int:
+  """How many XLA CPU devices to split this host into: the largest count ≤ min(cores, MAX_CPU_DEVICES)
+  that divides ``batch_size`` (the per-host training batch, which every device must share evenly)."""
+  cores = os.cpu_count() if cores is None else cores
+  limit = max(1, min(int(cores or 1), MAX_CPU_DEVICES))
+  return max(n for n in range(1, limit + 1) if int(batch_size) % n == 0)
+
+
+def cpu_devices_for(config, num_processes: int = 1) -> int:
+  """:func:`default_cpu_devices` for one process's share of a training micro-batch
+  (``train.batch_size / train.grad_accum_steps / num_processes``; 1 if that does not divide)."""
+  t = config.train
+  share, rest = divmod(int(t.batch_size), max(int(t.get("grad_accum_steps", 1) or 1), 1) * max(num_processes, 1))
+  return default_cpu_devices(share) if share and not rest else 1
+
+
+def use_cpu_devices(count: int) -> int:
+  """Makes the CPU backend start with ``count`` devices; returns the count in effect.
+
+  Leaves an explicit choice alone (``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` or
+  ``JAX_NUM_CPU_DEVICES``: tests and launch scripts set these) and does nothing once the backend has
+  started (logged). ``count`` < 1 is an error.
+  """
+  if int(count) < 1:
+    raise ValueError(f"cpu_devices = {count} must be >= 1")
+  import jax  # pylint: disable=g-import-not-at-top
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "") or os.environ.get(
+      "JAX_NUM_CPU_DEVICES"):
+    return -1
+  if _backend_started():
+    logging.warning("use_cpu_devices: the JAX backend has already started; CPU device count left as is")
+    return -1
+  jax.config.update("jax_num_cpu_devices", int(count))
+  return int(count)

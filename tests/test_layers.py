@@ -62,7 +62,7 @@ def test_im2col_convolution_and_its_gradients_equal_the_convolution(hw, k, paddi
 
 
 def test_conv_takes_the_matmul_form_on_small_maps_only():
-  x_small, x_big = jnp.ones((1, 4, 4, 8)), jnp.ones((1, 8, 8, 8))
+  x_small, x_big = jnp.ones((1, 2, 2, 8)), jnp.ones((1, 4, 4, 8))  # 4 output positions: the limit
   kernel = jnp.ones((3, 3, 8, 8))
   text = lambda x: jax.jit(lambda x: layers._conv(x, kernel, 1)).lower(x).as_text()  # noqa: E731
   assert "convolution" not in text(x_small) and "dot_general" in text(x_small)

@@ -60,3 +60,42 @@ def test_cpu_only_host_follows_jax_platforms(monkeypatch, platforms, expected):
   from patch_diffusion import runtime  # pylint: disable=import-outside-toplevel
   monkeypatch.setenv("JAX_PLATFORMS", platforms)
   assert runtime.cpu_only_host() is expected
+
+
+@pytest.mark.parametrize("batch, cores, expected", [
+    (64, 2, 2), (64, 1, 1), (63, 2, 1), (125, 16, 5), (256, 64, 8), (6, 4, 3), (1, 8, 1)])
+def test_default_cpu_devices_divides_the_batch_and_stays_within_the_cores(batch, cores, expected):
+  from patch_diffusion import runtime  # pylint: disable=import-outside-toplevel
+  assert runtime.default_cpu_devices(batch, cores=cores) == expected
+
+
+def test_cpu_devices_for_takes_one_process_share_of_a_micro_batch(monkeypatch):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from patch_diffusion import runtime  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(os, "cpu_count", lambda: 4)
+  config = ml_collections.ConfigDict({"train": {"batch_size": 24, "grad_accum_steps": 2}})
+  assert runtime.cpu_devices_for(config) == 4          # 12 per micro-batch
+  assert runtime.cpu_devices_for(config, num_processes=2) == 3   # 6 per process
+  assert runtime.cpu_devices_for(config, num_processes=5) == 1   # 12 does not split over 5 processes
+  with pytest.raises(ValueError, match="must be >= 1"):
+    runtime.use_cpu_devices(0)
+
+
+_DEVICES = """
+import sys
+from patch_diffusion import runtime
+print(runtime.use_cpu_devices(int(sys.argv[1])))
+import jax
+print(jax.device_count())
+"""
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"XLA_FLAGS": ""}, ["2", "2"]),
+    ({"XLA_FLAGS": "--xla_force_host_platform_device_count=3"}, ["-1", "3"]),  # an explicit choice stays
+    ({"XLA_FLAGS": "", "JAX_NUM_CPU_DEVICES": "1"}, ["-1", "1"])])
+def test_use_cpu_devices_splits_the_cpu_unless_the_caller_chose(env, expected):
+  base = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+  out = subprocess.run([sys.executable, "-c", _DEVICES, "2"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(base, JAX_PLATFORMS="cpu", **env), timeout=300, check=True).stdout
+  assert out.split() == expected

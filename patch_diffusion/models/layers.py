@@ -174,12 +174,13 @@ def upsample(x: Array, taps: Sequence[float], padding: int) -> Array:
   return _depthwise(x, f[::-1, ::-1].copy(), stride=1, padding=k - 1 - padding, lhs_dilation=2)
 
 
-#: XLA:CPU: convolutions over at most this many output positions (a 4×4 map: the lowest U-Net level of a
-#: 16-pixel patch) run as one matmul over their gathered taps (im2col). XLA:CPU's convolution kernels
-#: (and above all their weight gradients) are slow on tiny maps; the matmul form made the demo's patch-4
-#: and patch-8 steps 1.43× and 1.30× faster and lost at 8×8 maps (benchmarks/README.md). Same sums, other
+#: XLA:CPU: convolutions over at most this many output positions (a 2×2 map: the lowest U-Net levels of a
+#: 4-pixel patch) run as one matmul over their gathered taps (im2col). XLA:CPU's convolution kernels (and
+#: above all their weight gradients) are slow on tiny maps. Measured on the demo network (2-core Xeon,
+#: two CPU devices, README.md, "Results and benchmarks"): up to 4 positions, patch-4 steps 223 → 126 ms; extending it to
+#: 4×4 maps (16, the setting measured earlier on a 2-core AMD EPYC) made patch-16 steps slower again. Same sums, other
 #: order: results agree to float32 rounding. Other backends keep the convolution.
-IM2COL_MAX_POSITIONS = 16
+IM2COL_MAX_POSITIONS = 4
 
 
 def _conv_im2col(x: Array, kernel: Array, padding: int) -> Array:
