@@ -1,0 +1,26 @@
+"""benchmarks/: the side-by-side benchmark still drives this project's trainer API (it broke silently once
+when ``build_experiment`` moved). Runs the JAX side alone — no official checkout given, so the PyTorch side is
+skipped with its one-line reason — on a small batch, one round."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_vs_pytorch_times_every_patch_size_without_the_official_code(tmp_path):
+  out = tmp_path / "vs.json"
+  proc = subprocess.run(
+      [sys.executable, "benchmarks/vs_pytorch.py", "--config", "configs/digits.py", "--set", "train.batch_size=8",
+       "--official_dir", str(tmp_path / "absent"), "--rounds", "1", "--steps", "1", "--warmup", "1", "--no_sample",
+       "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
+      env={k: v for k, v in os.environ.items() if k != "PD_OFFICIAL_DIR"})
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "PyTorch side skipped" in proc.stdout + proc.stderr
+  result = json.loads(out.read_text())
+  assert [r["patch"] for r in result["rows"]] == [4, 8, 16]
+  assert all(r["ours_ms"] > 0 and r.get("theirs_ms") is None for r in result["rows"])
+  assert result["setup"]["ours"]["params"] == 1259969
