@@ -25,15 +25,10 @@ def load_config(path: str, overrides: list[str]):
 
 
 def cpu_runtime(config) -> dict:
-  """The CPU runtime ``patch_diffusion.main`` uses (before the JAX backend starts): the host allocator
-  setting and the CPU device count for ``config`` (``runtime.cpu_devices_for``). No-op off CPU-only hosts.
-  ``PATCH_DIFFUSION_CPU_DEVICES=n`` forces n (1: one device, the XLA default)."""
+  """``runtime.apply_cpu_defaults`` as ``patch_diffusion.main`` runs it (call before the JAX backend
+  starts); ``PATCH_DIFFUSION_CPU_DEVICES=n`` forces n devices (1: one device, the XLA default)."""
   from patch_diffusion import runtime  # pylint: disable=g-import-not-at-top
-  if not runtime.cpu_only_host():
-    return {"host_allocator_retained": False, "cpu_devices": None}
-  forced = int(os.environ.get("PATCH_DIFFUSION_CPU_DEVICES", "0") or 0)
-  return {"host_allocator_retained": runtime.retain_host_memory(),
-          "cpu_devices": runtime.use_cpu_devices(forced or runtime.cpu_devices_for(config))}
+  return runtime.apply_cpu_defaults(config, cpu_devices=int(os.environ.get("PATCH_DIFFUSION_CPU_DEVICES") or 0))
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[float, list[float]]:

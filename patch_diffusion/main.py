@@ -96,10 +96,9 @@ def main(argv, extra_hooks_for=None) -> None:
   logging.set_verbosity(logging.INFO)
   try:
     from patch_diffusion import runtime  # pylint: disable=g-import-not-at-top
-    if runtime.cpu_only_host():  # before JAX starts its backend (see runtime's docstring)
-      runtime.retain_host_memory()
-      nproc = FLAGS.num_processes or _env_int("PATCH_DIFFUSION_NUM_PROCESSES") or 1
-      runtime.use_cpu_devices(FLAGS.cpu_devices or runtime.cpu_devices_for(FLAGS.config, nproc))
+    # Before JAX starts its backend (see runtime's docstring); a no-op with a GPU or TPU.
+    runtime.apply_cpu_defaults(FLAGS.config, FLAGS.num_processes or _env_int("PATCH_DIFFUSION_NUM_PROCESSES") or 1,
+                               FLAGS.cpu_devices)
     _init_distributed()
     if FLAGS.compilation_cache:
       _enable_compilation_cache()

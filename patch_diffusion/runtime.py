@@ -125,3 +125,13 @@ def use_cpu_devices(count: int) -> int:
     return -1
   jax.config.update("jax_num_cpu_devices", int(count))
   return int(count)
+
+
+def apply_cpu_defaults(config, num_processes: int = 1, cpu_devices: int = 0) -> dict:
+  """On a CPU-only host, before the backend starts: :func:`retain_host_memory` and
+  :func:`use_cpu_devices` with ``cpu_devices`` (0: :func:`cpu_devices_for` ``config``). What
+  ``patch_diffusion.main`` and the benchmarks run; returns what was applied (nothing off CPU-only hosts)."""
+  if not cpu_only_host():
+    return {"host_allocator_retained": False, "cpu_devices": None}
+  return {"host_allocator_retained": retain_host_memory(),
+          "cpu_devices": use_cpu_devices(cpu_devices or cpu_devices_for(config, num_processes))}

@@ -176,10 +176,10 @@ def upsample(x: Array, taps: Sequence[float], padding: int) -> Array:
 
 #: XLA:CPU: convolutions over at most this many output positions (a 2×2 map: the lowest U-Net levels of a
 #: 4-pixel patch) run as one matmul over their gathered taps (im2col). XLA:CPU's convolution kernels (and
-#: above all their weight gradients) are slow on tiny maps. Measured on the demo network (2-core Xeon,
-#: two CPU devices, README.md, "Results and benchmarks"): up to 4 positions, patch-4 steps 223 → 126 ms; extending it to
-#: 4×4 maps (16, the setting measured earlier on a 2-core AMD EPYC) made patch-16 steps slower again. Same sums, other
-#: order: results agree to float32 rounding. Other backends keep the convolution.
+#: above all their weight gradients) are slow on tiny maps. Measured on the demo network (2-core Xeon, two
+#: CPU devices; README "Results and benchmarks"): up to 4 positions, patch-4 steps 223 → 126 ms; up to 16
+#: (4×4 maps, the setting measured earlier on a 2-core AMD EPYC) made patch-16 steps slower again. Same
+#: sums, other order: results agree to float32 rounding. Other backends keep the convolution.
 IM2COL_MAX_POSITIONS = 4
 
 
