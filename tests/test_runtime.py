@@ -47,7 +47,9 @@ def test_retained_heap_stops_per_step_page_faults():
   assert applied == "True" and default_applied == "False"
   # glibc's default returns each step's 64 MB temporary to the kernel and faults it in again.
   assert default_faults > 3 * 10_000, default_faults
-  assert faults < default_faults / 10, (faults, default_faults)
+  # With a few arenas (not one: one lock made XLA's threads queue) a thread's secondary heap can still be
+  # released now and then: seen 0 and 14,045 of 42,137 faults. At least half of the faults must go.
+  assert faults < default_faults / 2, (faults, default_faults)
 
 
 def test_too_late_once_the_backend_runs():
