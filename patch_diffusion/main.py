@@ -97,8 +97,11 @@ def main(argv, extra_hooks_for=None) -> None:
   try:
     from patch_diffusion import runtime  # pylint: disable=g-import-not-at-top
     # Before JAX starts its backend (see runtime's docstring); a no-op with a GPU or TPU.
-    runtime.apply_cpu_defaults(FLAGS.config, FLAGS.num_processes or _env_int("PATCH_DIFFUSION_NUM_PROCESSES") or 1,
-                               FLAGS.cpu_devices)
+    applied = runtime.apply_cpu_defaults(FLAGS.config, FLAGS.num_processes or _env_int("PATCH_DIFFUSION_NUM_PROCESSES") or 1,
+                                         FLAGS.cpu_devices)
+    if applied["cpu_devices"] is not None:
+      logging.info("CPU runtime: host memory retained %s, CPU devices %s (-1: the caller's choice), XLA flags added %s",
+                   applied["host_allocator_retained"], applied["cpu_devices"], applied["xla_flags_added"] or "none")
     _init_distributed()
     if FLAGS.compilation_cache:
       _enable_compilation_cache()

@@ -23,10 +23,20 @@ many small operations of a diffusion U-Net leave the threads idle about 40 % of 
 demo's patch-16 step); two devices, each with its own stream of operations, keep both cores of a laptop
 busy. :func:`default_cpu_devices` picks the count ``main`` uses.
 
-Both must run before the JAX backend starts (the first array or device query): arenas, once a thread
+**Convolution kernels.** :func:`use_cpu_xla_flags` adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS``: XLA:CPU
+(jaxlib 0.10) hands single convolutions to YNNPACK by default, whose weight-gradient convolution runs at
+16–26 GFLOP/s on a 2-core AMD EPYC (Zen 3) against 52–123 GFLOP/s for XLA's own convolution kernels on
+the same shapes (CelebA-64 and demo shapes; forward and data gradient on par or better), and whose
+convolutions use one thread at small channel counts. ``-individual_convolution`` keeps YNNPACK for dots
+and fused elementwise work and gives convolutions back to XLA. The demo's mixed train step: 533 → 395 ms
+(docs/DESIGN.md item 13, README "Results and benchmarks"). Removing YNNPACK's ``reduce`` fusions as well
+made it slower (454 → 557 ms).
+
+All three must run before the JAX backend starts (the first array or device query): arenas, once a thread
 has one, stay, and the device count is fixed at start-up. ``patch_diffusion.main`` calls them first thing
 on a CPU-only host (:func:`cpu_only_host`: with a GPU or TPU the big temporaries live in device memory),
-and the benchmarks call them; set ``PATCH_DIFFUSION_MALLOC=default`` to keep glibc's defaults.
+and the benchmarks call them; set ``PATCH_DIFFUSION_MALLOC=default`` to keep glibc's defaults, and name
+the flag in ``XLA_FLAGS`` yourself (e.g. ``--xla_cpu_experimental_ynn_fusion_type=``) to choose otherwise.
 """
 from __future__ import annotations
 
@@ -127,11 +137,31 @@ def use_cpu_devices(count: int) -> int:
   return int(count)
 
 
+#: XLA:CPU flags :func:`use_cpu_xla_flags` adds (module docstring, "Convolution kernels").
+CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+
+
+def use_cpu_xla_flags() -> list[str]:
+  """Appends each of :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` unless ``XLA_FLAGS`` already names that flag
+  (the caller's choice wins); returns the flags added. Nothing once the backend has started (logged):
+  XLA reads ``XLA_FLAGS`` when its first client starts."""
+  current = os.environ.get("XLA_FLAGS", "")
+  named = {item.split("=", 1)[0] for item in current.split()}
+  added = [flag for flag in CPU_XLA_FLAGS if flag.split("=", 1)[0] not in named]
+  if not added:
+    return []
+  if _backend_started():
+    logging.warning("use_cpu_xla_flags: the JAX backend has already started; XLA_FLAGS left as is")
+    return []
+  os.environ["XLA_FLAGS"] = " ".join([current.strip(), *added]).strip()
+  return added
+
+
 def apply_cpu_defaults(config, num_processes: int = 1, cpu_devices: int = 0) -> dict:
-  """On a CPU-only host, before the backend starts: :func:`retain_host_memory` and
-  :func:`use_cpu_devices` with ``cpu_devices`` (0: :func:`cpu_devices_for` ``config``). What
+  """On a CPU-only host, before the backend starts: :func:`retain_host_memory`, :func:`use_cpu_xla_flags`
+  and :func:`use_cpu_devices` with ``cpu_devices`` (0: :func:`cpu_devices_for` ``config``). What
   ``patch_diffusion.main`` and the benchmarks run; returns what was applied (nothing off CPU-only hosts)."""
   if not cpu_only_host():
-    return {"host_allocator_retained": False, "cpu_devices": None}
-  return {"host_allocator_retained": retain_host_memory(),
+    return {"host_allocator_retained": False, "cpu_devices": None, "xla_flags_added": []}
+  return {"host_allocator_retained": retain_host_memory(), "xla_flags_added": use_cpu_xla_flags(),
           "cpu_devices": use_cpu_devices(cpu_devices or cpu_devices_for(config, num_processes))}

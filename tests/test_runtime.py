@@ -1,4 +1,4 @@
-"""patch_diffusion/runtime.py: the glibc allocator settings for XLA:CPU temporaries.
+"""patch_diffusion/runtime.py: the glibc allocator settings, the CPU device split and the XLA:CPU flags.
 
 Each case runs in a fresh interpreter: the settings only apply before the JAX backend starts, and the
 test process has started it long ago.
@@ -101,3 +101,50 @@ def test_use_cpu_devices_splits_the_cpu_unless_the_caller_chose(env, expected):
   out = subprocess.run([sys.executable, "-c", _DEVICES, "2"], cwd=ROOT, capture_output=True, text=True,
                        env=dict(base, JAX_PLATFORMS="cpu", **env), timeout=300, check=True).stdout
   assert out.split() == expected
+
+
+_XLA_FLAGS_PROBE = """
+import re
+from patch_diffusion import runtime
+print(" ".join(runtime.use_cpu_xla_flags()) or "-")
+import jax, jax.numpy as jnp
+conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+# Big enough for XLA to hand it to YNNPACK by default (a 2x6x6x8 one stays with XLA either way).
+wgrad = jax.jit(lambda x, dy: jax.vjp(lambda w: conv(x, w), jnp.ones((3, 3, 32, 32)))[1](dy)[0])
+hlo = wgrad.lower(jnp.ones((8, 16, 16, 32)), jnp.ones((8, 16, 16, 32))).compile().as_text()
+# A convolution either stands alone in the optimised HLO or sits in a fused computation; report which
+# kind of fusion calls the computation holding it.
+holder = {}
+for block in hlo.split("\\n\\n"):
+  head = block.lstrip().split(" ", 1)[0].lstrip("%")
+  if " convolution(" in block:
+    holder[head] = True
+kinds = set()
+for line in hlo.splitlines():
+  m = re.search(r"calls=%([\\w.\\-]+)", line)
+  if m and m.group(1) in holder:
+    kinds.add("ynn" if "__ynn_fusion" in line else "other")
+print(",".join(sorted(kinds)) or "xla")
+"""
+
+
+@pytest.mark.parametrize("flags, added, conv_in", [
+    ("", "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", "xla"),
+    ("--xla_cpu_experimental_ynn_fusion_type=individual_convolution", "-", "ynn")])  # the caller's choice stays
+def test_cpu_xla_flags_give_convolutions_to_xla_unless_the_caller_chose(flags, added, conv_in):
+  out = subprocess.run([sys.executable, "-c", _XLA_FLAGS_PROBE], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags), timeout=300, check=True).stdout
+  assert out.split() == [added, conv_in]
+
+
+def test_cpu_xla_flags_append_to_the_callers_flags(monkeypatch):
+  from patch_diffusion import runtime  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(runtime, "_backend_started", lambda: False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert runtime.use_cpu_xla_flags() == list(runtime.CPU_XLA_FLAGS)
+  assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8", *runtime.CPU_XLA_FLAGS]
+  assert runtime.use_cpu_xla_flags() == []   # idempotent
+  monkeypatch.setattr(runtime, "_backend_started", lambda: True)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  assert runtime.use_cpu_xla_flags() == []   # too late once the backend runs: nothing changes
+  assert os.environ["XLA_FLAGS"] == ""
