@@ -25,12 +25,12 @@ busy. :func:`default_cpu_devices` picks the count ``main`` uses.
 
 **Convolution kernels.** :func:`use_cpu_xla_flags` adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS``: XLA:CPU
 (jaxlib 0.10) hands single convolutions to YNNPACK by default, whose weight-gradient convolution runs at
-16–26 GFLOP/s on a 2-core AMD EPYC (Zen 3) against 52–123 GFLOP/s for XLA's own convolution kernels on
-the same shapes (CelebA-64 and demo shapes; forward and data gradient on par or better), and whose
-convolutions use one thread at small channel counts. ``-individual_convolution`` keeps YNNPACK for dots
-and fused elementwise work and gives convolutions back to XLA. The demo's mixed train step: 533 → 395 ms
-(docs/DESIGN.md item 13, README "Results and benchmarks"). Removing YNNPACK's ``reduce`` fusions as well
-made it slower (454 → 557 ms).
+5–26 GFLOP/s on a 2-core AMD EPYC (Zen 3) against 52–123 GFLOP/s for XLA's own convolution kernels on
+the same shapes (CelebA-64, demo and sampler shapes; forward and data gradient on par or better), and
+whose convolutions use one thread at small channel counts. ``-individual_convolution`` keeps YNNPACK for
+dots and fused elementwise work and gives convolutions back to XLA. Same-run ratios to the official
+PyTorch step (README "Side by side"): demo mixed step 1.21 → 1.12×, CelebA-64 at batch 8 1.53 → 1.16×.
+Removing YNNPACK's ``reduce`` fusions as well made the demo's mixed step slower (454 → 557 ms).
 
 All three must run before the JAX backend starts (the first array or device query): arenas, once a thread
 has one, stay, and the device count is fixed at start-up. ``patch_diffusion.main`` calls them first thing
