@@ -25,6 +25,13 @@ applies this project's CPU runtime defaults, as ``patch_diffusion.main`` does (`
 ``cpu_runtime``: the host allocator setting and the CPU split into data-parallel devices,
 ``PATCH_DIFFUSION_CPU_DEVICES=1`` for one device); the official worker runs with the allocator it has
 by default.
+
+**Ceiling.** Both workers also time a dense 2048×2048 float32 matmul (``jnp.dot`` / ``torch.mm``, all cores)
+in the same window: the machine's practical float32 peak. The step's and the sampler's floating-point work
+is XLA's count of our compiled programs (``cost_analysis``; the same network's arithmetic as the official
+code's), so each side's GFLOP/s and its fraction of that peak are printed, with the rate a target ratio
+(``--target_ratio``, default 0.67) would need from us: above the peak, no schedule of the same float32
+arithmetic reaches it on this machine.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PROTOCOL_PREFIX = "@@"
+PEAK_N = 2048  # the dense matmul that measures the machine's float32 rate
 
 # ------------------------------------------------------------------------------------------------
 # Workers: each reads one JSON command per line on stdin and answers one line on the original stdout.
@@ -70,6 +78,13 @@ def _timed(fn, repeats: int) -> list[float]:
   return times
 
 
+def _xla_flops(compiled) -> float:
+  """Floating-point operations of one call of a compiled JAX program (XLA's cost analysis)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
 def jax_worker(args) -> None:
   """This project's compiled train steps (one per patch size) and sampler."""
   sys.path.insert(0, ROOT)
@@ -78,6 +93,7 @@ def jax_worker(args) -> None:
   config = common.load_config(args.config, args.set)
   cpu = common.cpu_runtime(config)  # before the backend starts: as patch_diffusion.main runs
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from patch_diffusion import experiment, parallel, train  # pylint: disable=g-import-not-at-top
   from patch_diffusion import state as state_lib  # pylint: disable=g-import-not-at-top
@@ -108,8 +124,32 @@ def jax_worker(args) -> None:
     holder.update(state=state, compiled=compiled, batches=batches, generate={})
     return {"params": state_lib.param_count(state.params), "setup_s": time.perf_counter() - t0,
             "sizes": list(compiled), "host_allocator_retained": cpu["host_allocator_retained"],
-            "cpu_devices": jax.device_count(),
+            "cpu_devices": jax.device_count(), "xla_flags_added": cpu["xla_flags_added"],
+            # Per-device program x devices: the data-parallel step's whole floating-point work.
+            "step_flops": {str(s): _xla_flops(exe) * jax.device_count() for s, exe in compiled.items()},
+            "forward_flops_per_image": forward_flops(state),
             "jax": jax.__version__, "device": jax.devices()[0].device_kind}
+
+  def forward_flops(state):
+    """XLA's count of one full-image network evaluation (the sampler's unit of work), per image."""
+    from patch_diffusion.data import patches as patches_lib  # pylint: disable=g-import-not-at-top
+    from patch_diffusion.edm.precond import make_denoiser  # pylint: disable=g-import-not-at-top
+    n, r = 8, exp.resolution
+    grid = jnp.broadcast_to(patches_lib.full_grid(r), (n, r, r, 2))
+    labels = jnp.zeros((n, exp.num_classes), jnp.float32) if exp.num_classes else None
+
+    def fwd(variables, x, sigma):
+      return make_denoiser(exp.model.apply, variables, exp.precond, dtype=exp.dtype)(x, sigma, grid, labels)
+
+    lowered = jax.jit(fwd).lower(
+        jax.device_get(state.variables(ema=True)), jnp.zeros((n, r, r, exp.channels)), jnp.ones((n,)))
+    return _xla_flops(lowered.compile()) / n
+
+  def peak(n, reps):
+    a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), jax.devices()[0])
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, a))
+    return {"times": _timed(lambda: jax.block_until_ready(dot(a, a)), reps)}
 
   def train_steps(size, steps):
     exe, batch = holder["compiled"][int(size)], holder["batches"][int(size)]
@@ -136,7 +176,7 @@ def jax_worker(args) -> None:
     return {"times": _timed(lambda: jax.block_until_ready(fn(variables, key, 0)), reps),
             "first_call_s": first_s}
 
-  _serve({"setup": setup, "train": train_steps, "sample": sample})
+  _serve({"setup": setup, "train": train_steps, "sample": sample, "peak": peak})
 
 
 def torch_worker(args) -> None:
@@ -213,7 +253,12 @@ def torch_worker(args) -> None:
       one()
     return {"times": _timed(one, reps)}
 
-  _serve({"setup": setup, "train": train_steps, "sample": sample})
+  def peak(n, reps):
+    a = torch.randn(int(n), int(n), dtype=torch.float32)
+    torch.mm(a, a)
+    return {"times": _timed(lambda: torch.mm(a, a), reps)}
+
+  _serve({"setup": setup, "train": train_steps, "sample": sample, "peak": peak})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,6 +358,10 @@ def run(args) -> dict:
       print(f"# round {r + 1}/{args.rounds}: " + "; ".join(
           f"{name} " + " ".join(f"{s}:{_median_ms(t[s]):.0f}ms" for s in sizes)
           for name, t in train_times.items()), flush=True)
+    peak_times = {name: [] for name in workers}
+    for r in range(3):
+      for name in (list(workers) if r % 2 == 0 else list(workers)[::-1]):
+        peak_times[name] += workers[name].call("peak", n=PEAK_N, reps=3)["times"]
     sample_rows = []
     if args.sample_batch:
       sample_times = {name: [] for name in workers}
@@ -334,24 +383,39 @@ def run(args) -> dict:
   finally:
     for w in workers.values():
       w.close()
+  flops = {int(k): v for k, v in info["ours"]["step_flops"].items()}
+  peak = {name: 2 * PEAK_N ** 3 / statistics.median(t) / 1e9 for name, t in peak_times.items()}
+  fwd_flops = info["ours"]["forward_flops_per_image"]
+  nfe = 2 * args.sample_steps - 1  # Heun: two evaluations per step, Euler on the last
+  for row in sample_rows:
+    row["gflops_per_s"] = row["images_per_s"] * nfe * fwd_flops / 1e9
   rows = []
   for s in sizes:
-    row = {"patch": s, "batch": config.train.batch_size * mul[s], "probability": prob[s]}
+    row = {"patch": s, "batch": config.train.batch_size * mul[s], "probability": prob[s],
+           "gflop": flops[s] / 1e9}
     for name in workers:
       row[f"{name}_ms"] = _median_ms(train_times[name][s])
       row[f"{name}_times_ms"] = [t * 1e3 for t in train_times[name][s]]
+      row[f"{name}_gflops_per_s"] = flops[s] / 1e6 / row[f"{name}_ms"]
     if "theirs" in workers:
       row["ratio"] = row["ours_ms"] / row["theirs_ms"]
     rows.append(row)
   result = {"config": args.config, "overrides": args.set, "machine": _machine(), "setup": info,
             "rounds": args.rounds, "steps_per_round": args.steps, "load_before": load_before,
             "load_after": os.getloadavg(), "torch_skipped": reason, "rows": rows, "sampler": sample_rows,
+            "matmul_peak_gflops_per_s": peak, "target_ratio": args.target_ratio,
+            "sampler_flops_per_image": nfe * fwd_flops,
             "official_dir": args.official_dir, "official_commit": _git_head(args.official_dir)}
   if set(sizes) == set(sched["sizes"]):
     mixed = {name: sum(prob[s] * r[f"{name}_ms"] for s, r in zip(sizes, rows)) for name in workers}
-    result["mixed"] = {f"{name}_ms": v for name, v in mixed.items()}
+    mixed_flops = sum(prob[s] * flops[s] for s in sizes)
+    result["mixed"] = {f"{name}_ms": v for name, v in mixed.items()} | {"gflop": mixed_flops / 1e9}
+    for name, v in mixed.items():
+      result["mixed"][f"{name}_gflops_per_s"] = mixed_flops / 1e6 / v
     if "theirs" in mixed:
       result["mixed"]["ratio"] = mixed["ours"] / mixed["theirs"]
+      # The rate our step would need for the target ratio, against this window's matmul peak.
+      result["mixed"]["target_needs_gflops_per_s"] = mixed_flops / 1e6 / (args.target_ratio * mixed["theirs"])
   return result
 
 
@@ -387,26 +451,38 @@ def print_tables(result: dict) -> None:
   print(f"\n# {result['config']} {' '.join(result['overrides'])}: load average before "
         f"{result['load_before'][0]:.2f}, after {result['load_after'][0]:.2f}; "
         f"{result['rounds']} rounds x {result['steps_per_round']} steps per side and size")
-  head = "| patch | batch | p | ours median ms |" + (" PyTorch median ms | ours / PyTorch |" if both else "")
+  head = "| patch | batch | p | GFLOP | ours median ms | ours GFLOP/s |" + (
+      " PyTorch median ms | PyTorch GFLOP/s | ours / PyTorch |" if both else "")
   print(head)
   print("|" + "---|" * (head.count("|") - 1))
   for r in result["rows"]:
-    line = f"| {r['patch']} | {r['batch']} | {r['probability']:.2f} | {r['ours_ms']:.1f} |"
+    line = (f"| {r['patch']} | {r['batch']} | {r['probability']:.2f} | {r['gflop']:.1f} | {r['ours_ms']:.1f} |"
+            f" {r['ours_gflops_per_s']:.1f} |")
     if both:
-      line += f" {r['theirs_ms']:.1f} | {r['ratio']:.2f} |"
+      line += f" {r['theirs_ms']:.1f} | {r['theirs_gflops_per_s']:.1f} | {r['ratio']:.2f} |"
     print(line)
   if "mixed" in result:
     m = result["mixed"]
-    line = f"| mixed (Σ p·median) | | | {m['ours_ms']:.1f} |"
+    line = f"| mixed (Σ p·median) | | | {m['gflop']:.1f} | {m['ours_ms']:.1f} | {m['ours_gflops_per_s']:.1f} |"
     if both:
-      line += f" {m['theirs_ms']:.1f} | **{m['ratio']:.2f}** |"
+      line += f" {m['theirs_ms']:.1f} | {m['theirs_gflops_per_s']:.1f} | **{m['ratio']:.2f}** |"
+    print(line)
+  peak = result["matmul_peak_gflops_per_s"]
+  print(f"\ndense float32 matmul {PEAK_N}x{PEAK_N}, same window: "
+        + ", ".join(f"{'ours (XLA)' if k == 'ours' else 'PyTorch'} {v:.1f} GFLOP/s" for k, v in peak.items()))
+  if "mixed" in result:
+    m, top = result["mixed"], max(peak.values())
+    line = f"mixed step: ours {m['ours_gflops_per_s'] / top:.0%} of the faster matmul"
+    if both:
+      line += (f", PyTorch {m['theirs_gflops_per_s'] / top:.0%}; ratio {result['target_ratio']} would need ours at "
+               f"{m['target_needs_gflops_per_s']:.1f} GFLOP/s = {m['target_needs_gflops_per_s'] / top:.2f}x that peak")
     print(line)
   if result["sampler"]:
-    print("\n| sampler (18 Heun steps) | batch | median s | images/s |")
-    print("|---|---|---|---|")
+    print("\n| sampler (18 Heun steps) | batch | median s | images/s | GFLOP/s |")
+    print("|---|---|---|---|---|")
     for r in result["sampler"]:
       who = "ours (float32)" if r["side"] == "ours" else "PyTorch (float64 state)"
-      print(f"| {who} | {r['batch']} | {r['median_s']:.2f} | {r['images_per_s']:.1f} |")
+      print(f"| {who} | {r['batch']} | {r['median_s']:.2f} | {r['images_per_s']:.1f} | {r['gflops_per_s']:.1f} |")
     ours = [r for r in result["sampler"] if r["side"] == "ours"]
     theirs = [r for r in result["sampler"] if r["side"] == "theirs"]
     if ours and theirs:
@@ -414,7 +490,9 @@ def print_tables(result: dict) -> None:
       best = max(ours, key=lambda r: r["images_per_s"])
       print(f"\nsampler images/s ours / PyTorch at batch {same['batch']}: "
             f"{same['images_per_s'] / theirs[0]['images_per_s']:.2f}x; our best batch {best['batch']}: "
-            f"{best['images_per_s'] / theirs[0]['images_per_s']:.2f}x")
+            f"{best['images_per_s'] / theirs[0]['images_per_s']:.2f}x; 2x would need "
+            f"{2 * theirs[0]['gflops_per_s']:.1f} GFLOP/s = {2 * theirs[0]['gflops_per_s'] / max(peak.values()):.2f}x "
+            f"the matmul peak")
 
 
 def main(argv=None) -> int:
@@ -436,6 +514,8 @@ def main(argv=None) -> int:
   parser.add_argument("--our_sample_batches", default="",
                       help="further batch sizes for our sampler alone, e.g. 125,250,1000 (best batch)")
   parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+  parser.add_argument("--target_ratio", type=float, default=0.67,
+                      help="ours/PyTorch step-time goal whose required GFLOP/s the ceiling table shows")
   parser.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)

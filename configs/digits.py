@@ -40,6 +40,6 @@ def get_config():
   c.train.final_num_samples = 1000
   c.sample.num_steps = 18
   c.sample.num_samples = 1000
-  c.sample.batch_size = 500
+  c.sample.batch_size = 100   # = grid_size: the final samples reuse the grids' sampler executable
   c.eval.batch_size = 125     # Inception at 299×299 on a laptop CPU: keep memory modest
   return c

@@ -85,6 +85,9 @@ class Experiment:
   stages: Optional[stages_lib.StageSchedule] = None  # multi-stage networks: the stage of every step
   codec: Optional[LatentCodec] = None      # latent runs: the VAE
   batch_transform: Optional[Callable] = None  # latents.on_the_fly: pixel batch -> posterior moments
+  # generate_fn's jitted functions by (batch, settings, keep_latents): the training grids and the final
+  # samples of one run share an executable instead of compiling the same sampler twice.
+  _generate_fns: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
   @property
   def resolution(self) -> int:
@@ -110,8 +113,15 @@ class Experiment:
   def generate_fn(self, batch_size: int, settings: Optional[sampler_lib.SamplerSettings] = None,
                   keep_latents: bool = False):
     """``sampling.make_generate_fn`` for this network: ``fn(variables, key, batch_index)`` -> uint8 images
-    (latent runs: decoded by the VAE in the same executable; ``keep_latents`` also returns the latents)."""
+    (latent runs: decoded by the VAE in the same executable; ``keep_latents`` also returns the latents).
+    The same arguments return the same function (one compile per run)."""
     settings = settings or sampler_lib.SamplerSettings.from_config(self.config.sample)
+    key = (batch_size, settings, keep_latents)
+    if key not in self._generate_fns:
+      self._generate_fns[key] = self._make_generate_fn(batch_size, settings, keep_latents)
+    return self._generate_fns[key]
+
+  def _make_generate_fn(self, batch_size: int, settings: sampler_lib.SamplerSettings, keep_latents: bool):
     return sampling.make_generate_fn(
         self.model.apply, self.precond, settings, resolution=self.resolution, channels=self.channels,
         num_classes=self.num_classes, batch_size=batch_size, mesh=self.mesh, dtype=self.dtype,

@@ -24,3 +24,11 @@ def test_vs_pytorch_times_every_patch_size_without_the_official_code(tmp_path):
   assert [r["patch"] for r in result["rows"]] == [4, 8, 16]
   assert all(r["ours_ms"] > 0 and r.get("theirs_ms") is None for r in result["rows"])
   assert result["setup"]["ours"]["params"] == 1259969
+  # The ceiling: XLA's FLOP count grows with the patch size (4x the pixels per image, batch / 2 each step
+  # up: ~2x per size), and a same-window matmul peak is measured.
+  gflop = [r["gflop"] for r in result["rows"]]
+  assert 1.5 < gflop[1] / gflop[0] < 2.5 and 1.5 < gflop[2] / gflop[1] < 2.5, gflop
+  assert all(r["ours_gflops_per_s"] > 0 for r in result["rows"])
+  assert result["matmul_peak_gflops_per_s"]["ours"] > 1
+  assert result["mixed"]["gflop"] > 0 and "ratio" not in result["mixed"]
+  assert "dense float32 matmul 2048x2048" in proc.stdout

@@ -187,3 +187,16 @@ def test_converted_fixture_network_samples_through_sample_mode(fixtures_dir, tmp
     images = f["images"]
   assert images.shape == (8, 16, 16, 3) and images.dtype == np.uint8  # the converted net's 16×16×3
   assert images.std() > 0
+
+
+def test_grids_and_final_samples_share_one_sampler_executable():
+  """Experiment.generate_fn returns the same jitted function for the same arguments, so a run's sample
+  grids and its final samples (same batch) compile the sampler once."""
+  from patch_diffusion.edm import sampler as sampler_lib  # pylint: disable=g-import-not-at-top
+  exp = experiment.build_experiment(tiny(), check_data=False)
+  fn = exp.generate_fn(8)
+  assert exp.generate_fn(8) is fn
+  assert exp.generate_fn(8, sampler_lib.SamplerSettings.from_config(exp.config.sample)) is fn
+  assert exp.generate_fn(16) is not fn
+  other = sampler_lib.SamplerSettings(num_steps=exp.config.sample.num_steps + 1)
+  assert exp.generate_fn(8, other) is not fn
