@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -24,11 +25,11 @@ def load_config(path: str, overrides: list[str]):
   return configs_io.load_config(path, **dict(item.split("=", 1) for item in overrides))
 
 
-def cpu_runtime(config) -> dict:
+def cpu_runtime() -> dict:
   """``runtime.apply_cpu_defaults`` as ``patch_diffusion.main`` runs it (call before the JAX backend
-  starts); ``PATCH_DIFFUSION_CPU_DEVICES=n`` forces n devices (1: one device, the XLA default)."""
+  starts); ``PATCH_DIFFUSION_CPU_DEVICES=n`` splits the CPU into n devices (default 1, as ``main``)."""
   from patch_diffusion import runtime  # pylint: disable=g-import-not-at-top
-  return runtime.apply_cpu_defaults(config, cpu_devices=int(os.environ.get("PATCH_DIFFUSION_CPU_DEVICES") or 0))
+  return runtime.apply_cpu_defaults(int(os.environ.get("PATCH_DIFFUSION_CPU_DEVICES") or 1))
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
@@ -41,6 +42,15 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tupl
     fn()
     times.append(time.perf_counter() - t0)
   return statistics.median(times), times
+
+
+def minor_faults_per_call(fn: Callable[[], object], calls: int = 3) -> float:
+  """Mean minor page faults of this process per call of ``fn`` (after the caller's warm-up): memory the
+  kernel had to map in again, e.g. a step's temporaries that the allocator gave back to the system."""
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    fn()
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:

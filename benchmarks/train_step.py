@@ -103,6 +103,7 @@ def run(config, steps: int, traced_stage: bool = False) -> dict:
       jax.block_until_ready(m)
 
     med, times = common.median_time(step, steps)
+    faults = common.minor_faults_per_call(step)
     state = holder["state"]
     # FLOPs of the lowered (pre-optimisation) HLO: backend independent. The compiled executable's count
     # misses convolutions that GPUs run as cuDNN custom calls.
@@ -115,7 +116,7 @@ def run(config, steps: int, traced_stage: bool = False) -> dict:
     flops = float(cost.get("flops", 0.0)) if cost else 0.0
     rows.append({"patch": size, "batch_mul": mul, "probability": prob, "stage": stage, "stage_probability": p_stage,
                  "global_batch": n * jax.process_count(), "compile_s": compile_s, "step_ms": med * 1e3,
-                 "step_ms_min": min(times) * 1e3, "patches_per_s": n * jax.process_count() / med,
+                 "step_ms_min": min(times) * 1e3, "minor_page_faults_per_step": faults, "patches_per_s": n * jax.process_count() / med,
                  "gflop_per_step": flops / 1e9, "tflops": flops / med / 1e12, "mfu": flops / med / peak if peak else None})
   return _summary(config, sched, rows, peak)
 
@@ -146,7 +147,7 @@ def _main(argv=None) -> int:
   parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   config = common.load_config(str(args.config), args.set)
-  cpu = common.cpu_runtime(config)  # before the backend starts: as patch_diffusion.main runs
+  cpu = common.cpu_runtime()  # before the backend starts: as patch_diffusion.main runs
   result = run(config, args.steps, args.traced_stage)
   result.update(cpu_runtime=cpu, config=str(args.config), overrides=args.set, steps=args.steps, batch_size=config.train.batch_size,
                 traced_stage=args.traced_stage)
@@ -159,6 +160,7 @@ def _main(argv=None) -> int:
   common.print_table(result["rows"], [
       ("patch", "patch", "d"), *stage_cols, ("global_batch", "global batch", "d"), ("probability", "p", ".2f"),
       ("compile_s", "compile s", ".1f"), ("step_ms", "median step ms", ".1f"),
+      ("minor_page_faults_per_step", "page faults/step", ".0f"),
       ("patches_per_s", "patches/s", ".0f"), ("gflop_per_step", "GFLOP/step", ".2f"),
       ("mfu", "utilisation of matmul peak", ".1%")])
   print(f"mixed-schedule step cost / full step: measured {result['expected_step_cost_measured']:.2f}, "

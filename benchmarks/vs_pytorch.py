@@ -22,8 +22,8 @@ benchmark says so in one line and measures this project's side alone.
 
 Both workers use every core (torch.set_num_threads(os.cpu_count()); XLA's default pool). Our worker
 applies this project's CPU runtime defaults, as ``patch_diffusion.main`` does (``benchmarks/common.py``
-``cpu_runtime``: the host allocator setting and the CPU split into data-parallel devices,
-``PATCH_DIFFUSION_CPU_DEVICES=1`` for one device); the official worker runs with the allocator it has
+``cpu_runtime``: the host allocator setting, synchronous dispatch, one CPU device —
+``PATCH_DIFFUSION_CPU_DEVICES=n`` splits it into n); the official worker runs with the allocator it has
 by default.
 
 **Ceiling.** Both workers also time a dense 2048×2048 float32 matmul (``jnp.dot`` / ``torch.mm``, all cores)
@@ -91,7 +91,7 @@ def jax_worker(args) -> None:
   sys.path.insert(0, HERE)
   import common  # pylint: disable=g-import-not-at-top
   config = common.load_config(args.config, args.set)
-  cpu = common.cpu_runtime(config)  # before the backend starts: as patch_diffusion.main runs
+  cpu = common.cpu_runtime()  # before the backend starts: as patch_diffusion.main runs
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -125,6 +125,7 @@ def jax_worker(args) -> None:
     return {"params": state_lib.param_count(state.params), "setup_s": time.perf_counter() - t0,
             "sizes": list(compiled), "host_allocator_retained": cpu["host_allocator_retained"],
             "cpu_devices": jax.device_count(), "xla_flags_added": cpu["xla_flags_added"],
+            "sync_dispatch": cpu.get("sync_dispatch"),
             # Per-device program x devices: the data-parallel step's whole floating-point work.
             "step_flops": {str(s): _xla_flops(exe) * jax.device_count() for s, exe in compiled.items()},
             "forward_flops_per_image": forward_flops(state),

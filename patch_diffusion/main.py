@@ -28,11 +28,11 @@ flags.DEFINE_bool("compilation_cache", True,
                   "Keep compiled executables in a persistent cache ($JAX_COMPILATION_CACHE_DIR, else "
                   "<user cache>/xla): a second run with the same shapes skips XLA compilation. "
                   "--nocompilation_cache turns it off.")
-flags.DEFINE_integer("cpu_devices", 0,
+flags.DEFINE_integer("cpu_devices", 1,
                      "CPU-only hosts: split the CPU into this many XLA devices and run data-parallel over them "
-                     "(0: automatic, the largest count <= min(cores, 8) that divides each process's share of "
-                     "train.batch_size / train.grad_accum_steps; 1: one device). Ignored when XLA_FLAGS sets "
-                     "--xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES is set.")
+                     "(default 1: on a 2-core machine one device is fastest, patch_diffusion/runtime.py; each "
+                     "process's share of train.batch_size / train.grad_accum_steps must divide evenly). Ignored "
+                     "when XLA_FLAGS sets --xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES is set.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -97,11 +97,11 @@ def main(argv, extra_hooks_for=None) -> None:
   try:
     from patch_diffusion import runtime  # pylint: disable=g-import-not-at-top
     # Before JAX starts its backend (see runtime's docstring); a no-op with a GPU or TPU.
-    applied = runtime.apply_cpu_defaults(FLAGS.config, FLAGS.num_processes or _env_int("PATCH_DIFFUSION_NUM_PROCESSES") or 1,
-                                         FLAGS.cpu_devices)
+    applied = runtime.apply_cpu_defaults(FLAGS.cpu_devices)
     if applied["cpu_devices"] is not None:
-      logging.info("CPU runtime: host memory retained %s, CPU devices %s (-1: the caller's choice), XLA flags added %s",
-                   applied["host_allocator_retained"], applied["cpu_devices"], applied["xla_flags_added"] or "none")
+      logging.info("CPU runtime: host memory retained %s, synchronous dispatch %s, CPU devices %s (-1: the caller's "
+                   "choice), XLA flags added %s", applied["host_allocator_retained"], applied["sync_dispatch"],
+                   applied["cpu_devices"], applied["xla_flags_added"] or "none")
     _init_distributed()
     if FLAGS.compilation_cache:
       _enable_compilation_cache()

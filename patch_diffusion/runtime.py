@@ -1,27 +1,41 @@
 """Process-level runtime settings for the XLA:CPU backend.
 
 **Host allocator.** XLA:CPU allocates every executable's temporaries as one block per execution (the
-DDPM++ demo step at patch 16, batch 64: 182 MB; CelebA-64 at batch 8: ≈1.5 GB) and frees it afterwards.
+DDPM++ demo step at patch 16, batch 64: ≈96 MB; CelebA-64 at batch 8: ≈1.5 GB) and frees it afterwards.
 glibc serves blocks above its mmap threshold (at most 32 MB) with fresh ``mmap`` pages and returns them
-on ``free``, so every step page-faults through its whole temporary block again: 66,700 minor faults per
-demo step at patch 16, ≈25 % of the step's CPU time on the 2-core development VM. PyTorch's eager
-tensors (a few MB each) stay under the threshold and are reused, so it does not pay this.
+on ``free``, so every step page-faults through its whole temporary block again. PyTorch's eager tensors
+(a few MB each) stay under the threshold and are reused, so it does not pay this.
 
 :func:`retain_host_memory` makes glibc serve large blocks from its heap and keep freed memory
 (``M_MMAP_MAX=0``: no ``mmap`` blocks; ``M_TRIM_THRESHOLD`` −1: never shrink the heap; ``M_ARENA_MAX``
-max(4, 2 × cores): few enough arenas that every thread's big blocks land in a heap that is kept).
-Steady-state steps then fault 0 times. The price: the process keeps its peak heap (for CPU training, the
-largest step's temporaries, which it needs again next step). One single arena (``M_ARENA_MAX=1``, this
-module's setting before 2026-12) also stops the faults but makes XLA's worker threads queue for one malloc
-lock: on a 2-core Xeon it made the demo's steps 1.2–2× slower (patch 4: 307 → 153 ms; sampler 1158 →
-795 ms per evaluation at batch 500; README.md, "Results and benchmarks").
+max(4, 2 × cores)). The price: the process keeps its peak heap (for CPU training, the largest step's
+temporaries, which it needs again next step). This holds for the main thread's arena only: a thread with
+an arena of its own grows it in 64 MB heaps, takes any larger block from ``mmap`` whatever ``M_MMAP_MAX``
+says, and unmaps a heap as soon as it is empty. JAX's default asynchronous dispatch runs executables on
+the CPU client's own threads, so their big temporaries still faulted in every step: 23,500 minor faults
+per demo step at patch 16 (≈14 % of the process's CPU time in the kernel, measured with ``perf``), 375,000
+at CelebA-64. One single arena (``M_ARENA_MAX=1``) stops that too but makes XLA's worker threads queue for
+one malloc lock (demo patch 4: 89–96 → 115–119 ms on the 2-core AMD EPYC; 1.2–2× slower on a 2-core
+Xeon).
 
-**CPU devices.** :func:`use_cpu_devices` splits the host CPU into several XLA devices, so the step runs
+**Dispatch.** :func:`use_synchronous_dispatch` turns ``jax_cpu_enable_async_dispatch`` off: the calling
+(Python main) thread runs each executable and allocates its temporaries from the main arena, which
+keeps them; XLA's worker threads keep their own arenas for their small blocks. Steady-state demo steps
+then fault 1 / 7 / 18 times at patch 4 / 8 / 16 instead of 2 / 33 / 46,978 (two asynchronous devices;
+``python benchmarks/train_step.py``, column "page faults/step"). The
+Python thread waits for each step instead of queueing the next, which costs the CPU nothing (the
+"device" is the same cores; the input pipeline has its own threads). ``PATCH_DIFFUSION_CPU_ASYNC_DISPATCH=1``
+keeps JAX's default.
+
+**CPU devices.** :func:`use_cpu_devices` can split the host CPU into several XLA devices, so the step runs
 data-parallel over them (the batch sharded over the mesh's ``'data'`` axis, the gradient all-reduced,
-arithmetic per example unchanged). XLA:CPU runs one executable's operations on its thread pool, but the
-many small operations of a diffusion U-Net leave the threads idle about 40 % of a step (a profile of the
-demo's patch-16 step); two devices, each with its own stream of operations, keep both cores of a laptop
-busy. :func:`default_cpu_devices` picks the count ``main`` uses.
+arithmetic per example unchanged; ``--cpu_devices=N``). The default is one device: every device but the
+first runs on a client thread, whose temporaries fault again (above). On the 2-core AMD EPYC, demo steps
+at patch 4 / 8 / 16 took 97.5 / 162.0 / 309.0 ms with one device and synchronous dispatch against 89.2 /
+178.3 / 387.9 ms with two asynchronous devices (this module's default until 2026-12-03; mixed schedule
+223 against 265 ms; two synchronous devices, in a probe: 95 / 180 / 352 ms); same-run ratios to the
+official PyTorch step in README "Side by side". On a many-core host
+more devices may pay: measure with ``PATCH_DIFFUSION_CPU_DEVICES=n python benchmarks/train_step.py``.
 
 **Convolution kernels.** :func:`use_cpu_xla_flags` adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS``: XLA:CPU
 (jaxlib 0.10) hands single convolutions to YNNPACK by default, whose weight-gradient convolution runs at
@@ -32,11 +46,12 @@ dots and fused elementwise work and gives convolutions back to XLA. Same-run rat
 PyTorch step (README "Side by side"): demo mixed step 1.21 → 1.12×, CelebA-64 at batch 8 1.53 → 1.16×.
 Removing YNNPACK's ``reduce`` fusions as well made the demo's mixed step slower (454 → 557 ms).
 
-All three must run before the JAX backend starts (the first array or device query): arenas, once a thread
-has one, stay, and the device count is fixed at start-up. ``patch_diffusion.main`` calls them first thing
-on a CPU-only host (:func:`cpu_only_host`: with a GPU or TPU the big temporaries live in device memory),
-and the benchmarks call them; set ``PATCH_DIFFUSION_MALLOC=default`` to keep glibc's defaults, and name
-the flag in ``XLA_FLAGS`` yourself (e.g. ``--xla_cpu_experimental_ynn_fusion_type=``) to choose otherwise.
+All four must run before the JAX backend starts (the first array or device query): arenas, once a thread
+has one, stay, and the dispatch mode and device count are fixed when the CPU client starts.
+``patch_diffusion.main`` calls them first thing on a CPU-only host (:func:`cpu_only_host`: with a GPU or
+TPU the big temporaries live in device memory), and the benchmarks call them; set
+``PATCH_DIFFUSION_MALLOC=default`` to keep glibc's defaults, and name the flag in ``XLA_FLAGS`` yourself
+(e.g. ``--xla_cpu_experimental_ynn_fusion_type=``) to choose otherwise.
 """
 from __future__ import annotations
 
@@ -96,27 +111,6 @@ def cpu_only_host() -> bool:
   return not any(glob.glob(p) for p in ("/dev/nvidia[0-9]*", "/dev/accel*", "/dev/vfio/[0-9]*"))
 
 
-#: Most CPU devices :func:`default_cpu_devices` makes: beyond this, per-device batches get too small for
-#: XLA's kernels on a many-core host, and each device holds a copy of the parameters and optimiser state.
-MAX_CPU_DEVICES = 8
-
-
-def default_cpu_devices(batch_size: int, cores: int | None = None) -> int:
-  """How many XLA CPU devices to split this host into: the largest count ≤ min(cores, MAX_CPU_DEVICES)
-  that divides ``batch_size`` (the per-host training batch, which every device must share evenly)."""
-  cores = os.cpu_count() if cores is None else cores
-  limit = max(1, min(int(cores or 1), MAX_CPU_DEVICES))
-  return max(n for n in range(1, limit + 1) if int(batch_size) % n == 0)
-
-
-def cpu_devices_for(config, num_processes: int = 1) -> int:
-  """:func:`default_cpu_devices` for one process's share of a training micro-batch
-  (``train.batch_size / train.grad_accum_steps / num_processes``; 1 if that does not divide)."""
-  t = config.train
-  share, rest = divmod(int(t.batch_size), max(int(t.get("grad_accum_steps", 1) or 1), 1) * max(num_processes, 1))
-  return default_cpu_devices(share) if share and not rest else 1
-
-
 def use_cpu_devices(count: int) -> int:
   """Makes the CPU backend start with ``count`` devices; returns the count in effect.
 
@@ -157,11 +151,26 @@ def use_cpu_xla_flags() -> list[str]:
   return added
 
 
-def apply_cpu_defaults(config, num_processes: int = 1, cpu_devices: int = 0) -> dict:
-  """On a CPU-only host, before the backend starts: :func:`retain_host_memory`, :func:`use_cpu_xla_flags`
-  and :func:`use_cpu_devices` with ``cpu_devices`` (0: :func:`cpu_devices_for` ``config``). What
+def use_synchronous_dispatch() -> bool:
+  """Makes the CPU client run each executable on the thread that calls it (``jax_cpu_enable_async_dispatch``
+  off; module docstring, "Dispatch"); True when applied. ``PATCH_DIFFUSION_CPU_ASYNC_DISPATCH=1`` keeps
+  JAX's asynchronous default. Nothing once the backend has started (logged): the client reads it when it
+  starts."""
+  if os.environ.get("PATCH_DIFFUSION_CPU_ASYNC_DISPATCH") == "1":
+    return False
+  if _backend_started():
+    logging.warning("use_synchronous_dispatch: the JAX backend has already started; dispatch left as is")
+    return False
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return True
+
+
+def apply_cpu_defaults(cpu_devices: int = 1) -> dict:
+  """On a CPU-only host, before the backend starts: :func:`retain_host_memory`, :func:`use_cpu_xla_flags`,
+  :func:`use_synchronous_dispatch` and :func:`use_cpu_devices` with ``cpu_devices``. What
   ``patch_diffusion.main`` and the benchmarks run; returns what was applied (nothing off CPU-only hosts)."""
   if not cpu_only_host():
-    return {"host_allocator_retained": False, "cpu_devices": None, "xla_flags_added": []}
+    return {"host_allocator_retained": False, "cpu_devices": None, "xla_flags_added": [], "sync_dispatch": False}
   return {"host_allocator_retained": retain_host_memory(), "xla_flags_added": use_cpu_xla_flags(),
-          "cpu_devices": use_cpu_devices(cpu_devices or cpu_devices_for(config, num_processes))}
+          "sync_dispatch": use_synchronous_dispatch(), "cpu_devices": use_cpu_devices(cpu_devices)}
