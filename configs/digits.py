@@ -1,6 +1,6 @@
 """Embedded demo: Patch Diffusion on scikit-learn's handwritten digits (1,797 real 8×8 images, shipped
-inside scikit-learn, so it runs offline), upscaled to 16×16 grayscale. Trains on a 2-core CPU in six
-to seven minutes and writes a sample grid and ``samples.npz`` (1,000 samples).
+inside scikit-learn, so it runs offline), upscaled to 16×16 grayscale. Trains on a 2-core CPU in five to six
+minutes and writes a sample grid and ``samples.npz`` (1,000 samples).
 
 Wall time, FID and the comparison with full-image training on this network: README "Results and
 benchmarks" (each figure with the command that printed it; logs and JSON in benchmarks/results/).
