@@ -125,7 +125,7 @@ def jax_worker(args) -> None:
     return {"params": state_lib.param_count(state.params), "setup_s": time.perf_counter() - t0,
             "sizes": list(compiled), "host_allocator_retained": cpu["host_allocator_retained"],
             "cpu_devices": jax.device_count(), "xla_flags_added": cpu["xla_flags_added"],
-            "sync_dispatch": cpu.get("sync_dispatch"),
+            "sync_dispatch": cpu["sync_dispatch"],
             # Per-device program x devices: the data-parallel step's whole floating-point work.
             "step_flops": {str(s): _xla_flops(exe) * jax.device_count() for s, exe in compiled.items()},
             "forward_flops_per_image": forward_flops(state),

@@ -22,10 +22,9 @@ Xeon).
 (Python main) thread runs each executable and allocates its temporaries from the main arena, which
 keeps them; XLA's worker threads keep their own arenas for their small blocks. Steady-state demo steps
 then fault 1 / 7 / 18 times at patch 4 / 8 / 16 instead of 2 / 33 / 46,978 (two asynchronous devices;
-``python benchmarks/train_step.py``, column "page faults/step"). The
-Python thread waits for each step instead of queueing the next, which costs the CPU nothing (the
-"device" is the same cores; the input pipeline has its own threads). ``PATCH_DIFFUSION_CPU_ASYNC_DISPATCH=1``
-keeps JAX's default.
+``python benchmarks/train_step.py``, column "page faults/step"). The Python thread waits for each step
+instead of queueing the next, which costs the CPU nothing (the "device" is the same cores; the input
+pipeline has its own threads). ``PATCH_DIFFUSION_CPU_ASYNC_DISPATCH=1`` keeps JAX's default.
 
 **CPU devices.** :func:`use_cpu_devices` can split the host CPU into several XLA devices, so the step runs
 data-parallel over them (the batch sharded over the mesh's ``'data'`` axis, the gradient all-reduced,
@@ -34,8 +33,8 @@ first runs on a client thread, whose temporaries fault again (above). On the 2-c
 at patch 4 / 8 / 16 took 97.5 / 162.0 / 309.0 ms with one device and synchronous dispatch against 89.2 /
 178.3 / 387.9 ms with two asynchronous devices (this module's default until 2026-12-03; mixed schedule
 223 against 265 ms; two synchronous devices, in a probe: 95 / 180 / 352 ms); same-run ratios to the
-official PyTorch step in README "Side by side". On a many-core host
-more devices may pay: measure with ``PATCH_DIFFUSION_CPU_DEVICES=n python benchmarks/train_step.py``.
+official PyTorch step in README "Side by side". On a many-core host more devices may pay: measure with
+``PATCH_DIFFUSION_CPU_DEVICES=n python benchmarks/train_step.py``.
 
 **Convolution kernels.** :func:`use_cpu_xla_flags` adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS``: XLA:CPU
 (jaxlib 0.10) hands single convolutions to YNNPACK by default, whose weight-gradient convolution runs at

@@ -14,8 +14,20 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: Appended to each probe: minor page faults of ``f(x)`` in the quietest of four windows of three calls
+#: (the heap settles after a few calls).
+_FAULT_WINDOWS = """
+import resource
+windows = []
+for _ in range(4):
+  f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(3):
+    f(x).block_until_ready()
+  windows.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
 _PROBE = """
-import resource, sys
+import sys
 from patch_diffusion import runtime
 applied = runtime.retain_host_memory() if sys.argv[1] == "before" else None
 import jax, jax.numpy as jnp
@@ -24,20 +36,20 @@ f = jax.jit(lambda a: jnp.sort(a * 2.0, axis=0)[::7].sum(axis=0))  # a 48 MB tem
 f(x).block_until_ready()
 if sys.argv[1] == "after":
   applied = runtime.retain_host_memory()
-windows = []
-for _ in range(4):  # the heap settles after a few calls: the quietest window of three calls
-  f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(3):
-    f(x).block_until_ready()
-  windows.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+""" + _FAULT_WINDOWS + """
 print(applied, min(windows))
 """
 
 
+def _run_probe(script: str, *argv: str, **env) -> list[str]:
+  """``script`` in a fresh CPU-only interpreter with no XLA_FLAGS; its printed words."""
+  return subprocess.run([sys.executable, "-c", script, *argv], cwd=ROOT, capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **env), timeout=300,
+                        check=True).stdout.split()
+
+
 def _probe(when: str, **env) -> tuple[str, int]:
-  out = subprocess.run([sys.executable, "-c", _PROBE, when], cwd=ROOT, capture_output=True, text=True,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **env), timeout=300, check=True).stdout
-  applied, faults = out.split()
+  applied, faults = _run_probe(_PROBE, when, **env)
   return applied, int(faults)
 
 
@@ -72,7 +84,6 @@ def test_use_cpu_devices_rejects_a_count_below_one():
 
 
 _DISPATCH_PROBE = """
-import resource, sys
 from patch_diffusion import runtime
 print(runtime.apply_cpu_defaults(1)["sync_dispatch"])
 import jax, jax.numpy as jnp
@@ -80,25 +91,16 @@ print(jax.config.values["jax_cpu_enable_async_dispatch"])
 x = jnp.ones((6144, 4096))      # 96 MB: above the 64 MB heaps of a thread's own malloc arena
 f = jax.jit(lambda a: jnp.exp(a * 2.0) @ a[0])  # the exp(..) operand of the matmul: a 96 MB temporary
 f(x).block_until_ready()
-windows = []
-for _ in range(4):
-  f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(3):
-    f(x).block_until_ready()
-  windows.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+""" + _FAULT_WINDOWS + """
 print(min(windows))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_synchronous_dispatch_keeps_big_temporaries_in_the_retained_heap():
-  def probe(**env):
-    out = subprocess.run([sys.executable, "-c", _DISPATCH_PROBE], cwd=ROOT, capture_output=True, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", **env), timeout=300,
-                         check=True).stdout.split()
-    return out[0], out[1], int(out[2])
-  applied, async_on, faults = probe()
-  kept, async_kept, async_faults = probe(PATCH_DIFFUSION_CPU_ASYNC_DISPATCH="1")
+  applied, async_on, faults = _run_probe(_DISPATCH_PROBE)
+  kept, async_kept, async_faults = _run_probe(_DISPATCH_PROBE, PATCH_DIFFUSION_CPU_ASYNC_DISPATCH="1")
+  faults = int(faults)
   assert (applied, async_on) == ("True", "False") and (kept, async_kept) == ("False", "True")
   # Asynchronously, a client thread that has an arena of its own allocates the 96 MB block: glibc takes it
   # from mmap and unmaps it again, one whole block (24,576 pages) faulted in again per window of three
