@@ -13,7 +13,10 @@ splits into micro-batches of N/(kD) samples per device without moving data when 
 ``lax.scan`` runs forward and backward on one micro-batch at a time, accumulating Σ_j ∇(Σ_{n∈j} loss_n)/N
 — the gradient of the mean over all N samples. Only one micro-batch's activations are alive at a time;
 the update equals the single large step up to float summation order (dropout draws its mask per
-micro-batch from ``fold_in(dropout_key, j)``, so with dropout > 0 the masks differ from k = 1).
+micro-batch from ``fold_in(dropout_key, j)``, so with dropout > 0 the masks differ from k = 1). On
+XLA:CPU the loop relies on ``models/layers._conv`` writing its gradient convolutions in NHWC/HWIO order:
+XLA:CPU only rewrites top-level convolutions into its fast kernels, and autodiff's weight gradients in a
+loop body otherwise ran 33× slower (demo, patch 16, k = 2).
 """
 from __future__ import annotations
 

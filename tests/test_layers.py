@@ -67,3 +67,19 @@ def test_conv_takes_the_matmul_form_on_small_maps_only():
   text = lambda x: jax.jit(lambda x: layers._conv(x, kernel, 1)).lower(x).as_text()  # noqa: E731
   assert "convolution" not in text(x_small) and "dot_general" in text(x_small)
   assert "convolution" in text(x_big)
+
+
+@pytest.mark.parametrize("hw, k, padding", [((8, 8), 3, 1), ((7, 5), 3, 0), ((6, 6), 3, 2), ((4, 4), 1, 0),
+                                            ((4, 6), 1, 1)])
+def test_conv_gradients_written_as_nhwc_convolutions_equal_autodiff(hw, k, padding):
+  """The hand-written VJP (input gradient: flipped kernel; kernel gradient: images as features) gives
+  autodiff's gradients, padding wider than the kernel (a cropping input gradient) included."""
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((3, *hw, 5)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((k, k, 5, 4)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, hw[0] + 2 * padding - k + 1, hw[1] + 2 * padding - k + 1, 4)), jnp.float32)
+  ours = jax.grad(lambda *a: (layers._conv_nhwc_grads(*a, padding) * w).sum(), (0, 1))(x, kernel)
+  ref = jax.grad(lambda *a: (layers._xla_conv(*a, (padding, padding)) * w).sum(), (0, 1))(x, kernel)
+  for a, b in zip(ours, ref):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,6 @@
 """The train step's gradient accumulation and augmentation (patch_diffusion/steps.py)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,6 +114,20 @@ def test_accumulation_equals_one_large_step(k):
   np.testing.assert_allclose(mk["grad_norm"], m1["grad_norm"], rtol=1e-5)
   _assert_same_grads(g1, gk)
   assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g1)) > 0
+
+
+def test_accumulation_loop_runs_every_convolution_in_nhwc_order():
+  """XLA:CPU turns convolutions of other dimension orders into its fast NHWC/HWIO kernels only outside
+  loops; inside the accumulation ``scan`` autodiff's gradient convolutions ran as naive loop nests (33×
+  slower steps). layers._conv writes its gradients in that order itself: the compiled k = 2 step has a
+  loop and no convolution of another order."""
+  model, tx, state, precond, noise = _setup()
+  cfg = steps_lib.StepConfig(patch_size=16, resolution=R, grad_accum_steps=2)
+  step = steps_lib.make_train_step(model.apply, tx, precond, noise, cfg)
+  hlo = jax.jit(step).lower(state, _batch(8), np.float32(1e-3), np.float32(0.9), jax.random.key(7)).compile().as_text()
+  labels = re.findall(r"convolution\(.*?dim_labels=(\S+?),", hlo)
+  assert " while(" in hlo and len(labels) > 10
+  assert set(labels) == {"b01f_01io->b01f"}, sorted(set(labels))
 
 
 def test_accumulation_with_augmentation_and_multiplier():

@@ -199,14 +199,54 @@ def _conv_im2col(x: Array, kernel: Array, padding: int) -> Array:
   return cols @ jnp.concatenate([kernel[i, j] for i, j in taps], axis=0)
 
 
-def _conv(x: Array, kernel: Array, padding: int) -> Array:
-  """Stride-1 'same'-style convolution of ``x`` [N,H,W,Cin] with ``kernel`` [k,k,Cin,Cout]."""
-  out_positions = (x.shape[1] + 2 * padding - kernel.shape[0] + 1) * (x.shape[2] + 2 * padding - kernel.shape[1] + 1)
-  if kernel.shape[0] > 1 and out_positions <= IM2COL_MAX_POSITIONS and jax.default_backend() == "cpu":
-    return _conv_im2col(x, kernel, padding)
+def _xla_conv(x: Array, kernel: Array, padding: tuple[int, int]) -> Array:
+  """Stride-1 correlation of ``x`` [B,H,W,F] with ``kernel`` [kh,kw,F,O], zero padding ``padding`` =
+  (rows, columns) on both sides (negative crops), in the dimension order XLA:CPU runs as is (NHWC/HWIO)."""
   return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(1, 1), padding=[(padding, padding)] * 2,
+      x, kernel, window_strides=(1, 1), padding=[(padding[0], padding[0]), (padding[1], padding[1])],
       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_nhwc_grads(x: Array, kernel: Array, padding: int) -> Array:
+  """``_xla_conv`` whose gradients are written as NHWC/HWIO convolutions too (see :func:`_conv`)."""
+  return _xla_conv(x, kernel, (padding, padding))
+
+
+def _conv_nhwc_grads_fwd(x, kernel, padding):
+  return _xla_conv(x, kernel, (padding, padding)), (x, kernel)
+
+
+def _conv_nhwc_grads_bwd(padding, residuals, g):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  # Input gradient: g correlated with the spatially flipped kernel, in/out channels swapped.
+  dx = _xla_conv(g, jnp.swapaxes(kernel[::-1, ::-1], 2, 3), (kh - 1 - padding, kw - 1 - padding))
+  # Kernel gradient: dW[a,b,i,o] = Σ_{n,h,w} x_pad[n,h+a,w+b,i] g[n,h,w,o] is a correlation of x as
+  # [Cin, H, W, N] (input channels as the batch, images as the features) with g as [Ho, Wo, N, Cout].
+  dw = _xla_conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)), (padding, padding))
+  return dx, jnp.transpose(dw, (1, 2, 0, 3))
+
+
+_conv_nhwc_grads.defvjp(_conv_nhwc_grads_fwd, _conv_nhwc_grads_bwd)
+
+
+def _conv(x: Array, kernel: Array, padding: int) -> Array:
+  """Stride-1 'same'-style convolution of ``x`` [N,H,W,Cin] with ``kernel`` [k,k,Cin,Cout].
+
+  On XLA:CPU the gradients are spelled out as convolutions in NHWC/HWIO order (:func:`_conv_nhwc_grads`):
+  XLA:CPU rewrites other dimension orders into that one (its fast Eigen kernels) only for convolutions
+  at the top level of a computation, so the gradient convolutions autodiff emits inside a loop body
+  (``lax.scan`` over gradient-accumulation micro-batches) fell back to a naive loop nest: 33× slower
+  steps with ``train.grad_accum_steps = 2`` (demo network, patch 16). Same sums; at the top level XLA
+  emits the same transposes and kernels as its own rewrite.
+  """
+  out_positions = (x.shape[1] + 2 * padding - kernel.shape[0] + 1) * (x.shape[2] + 2 * padding - kernel.shape[1] + 1)
+  if jax.default_backend() == "cpu":
+    if kernel.shape[0] > 1 and out_positions <= IM2COL_MAX_POSITIONS:
+      return _conv_im2col(x, kernel, padding)
+    return _conv_nhwc_grads(x, kernel, padding)
+  return _xla_conv(x, kernel, (padding, padding))
 
 
 # ------------------------------------------------------------------------------------------------
