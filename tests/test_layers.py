@@ -83,3 +83,12 @@ def test_conv_gradients_written_as_nhwc_convolutions_equal_autodiff(hw, k, paddi
   for a, b in zip(ours, ref):
     assert a.shape == b.shape
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_autodiff_through_conv_after_switching_the_cpu_gradients_off(monkeypatch):
+  x, kernel = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
+  with pytest.raises(TypeError, match="custom_vjp"):
+    jax.jvp(lambda x: layers._conv(x, kernel, 1), (x,), (x,))
+  monkeypatch.setattr(layers, "NHWC_GRADIENTS_ON_CPU", False)
+  _, tangent = jax.jvp(lambda x: layers._conv(x, kernel, 1), (x,), (x,))
+  np.testing.assert_allclose(tangent, layers._xla_conv(x, kernel, (1, 1)))

@@ -231,6 +231,12 @@ def _conv_nhwc_grads_bwd(padding, residuals, g):
 _conv_nhwc_grads.defvjp(_conv_nhwc_grads_fwd, _conv_nhwc_grads_bwd)
 
 
+#: XLA:CPU: write convolution gradients out as NHWC/HWIO convolutions (:func:`_conv`). A ``custom_vjp``
+#: has no forward-mode rule: set this to False before tracing to ``jax.jvp`` / ``jax.jacfwd`` through a
+#: network on CPU (plain autodiff then, fast outside loops only).
+NHWC_GRADIENTS_ON_CPU = True
+
+
 def _conv(x: Array, kernel: Array, padding: int) -> Array:
   """Stride-1 'same'-style convolution of ``x`` [N,H,W,Cin] with ``kernel`` [k,k,Cin,Cout].
 
@@ -239,13 +245,15 @@ def _conv(x: Array, kernel: Array, padding: int) -> Array:
   at the top level of a computation, so the gradient convolutions autodiff emits inside a loop body
   (``lax.scan`` over gradient-accumulation micro-batches) fell back to a naive loop nest: 33× slower
   steps with ``train.grad_accum_steps = 2`` (demo network, patch 16). Same sums; at the top level XLA
-  emits the same transposes and kernels as its own rewrite.
+  emits the same transposes and kernels as its own rewrite. Forward-mode autodiff: see
+  :data:`NHWC_GRADIENTS_ON_CPU`.
   """
   out_positions = (x.shape[1] + 2 * padding - kernel.shape[0] + 1) * (x.shape[2] + 2 * padding - kernel.shape[1] + 1)
   if jax.default_backend() == "cpu":
     if kernel.shape[0] > 1 and out_positions <= IM2COL_MAX_POSITIONS:
       return _conv_im2col(x, kernel, padding)
-    return _conv_nhwc_grads(x, kernel, padding)
+    if NHWC_GRADIENTS_ON_CPU:
+      return _conv_nhwc_grads(x, kernel, padding)
   return _xla_conv(x, kernel, (padding, padding))
 
 
