@@ -65,3 +65,29 @@ def inception_weights_path() -> pathlib.Path:
     pytest.fail(f"Inception weights missing at {path}; fetch them with:\n"
                 f"  python3 -m patch_diffusion.tools.fetch_inception")
   return path
+
+
+# ---- scheduling under pytest-xdist (`-n 2`) ------------------------------------------------------------
+
+#: Modules holding the suite's longest tests or module-scoped training runs; collected first, so that both
+#: workers start on them and no 2-minute test is left for the end while the other worker idles.
+LONG_MODULES = ("test_notebook.py", "test_multistage_training.py", "test_evaluate.py", "test_crash_safety.py",
+                "test_multihost.py", "test_latents.py", "test_benchmarks.py", "test_train.py")
+
+
+def pytest_configure(config):
+  # xdist's default "load" hands tests out one by one, alternating workers: both workers then built every
+  # module-scoped fixture (training runs of 1-2.5 min) at the same time. "loadgroup" keeps each xdist_group
+  # (below: the tests that share a module-scoped fixture) on one worker and balances the rest as "load".
+  explicit = any(a == "--dist" or a.startswith("--dist=") or a == "-d" for a in config.invocation_params.args)
+  if getattr(config.option, "dist", None) == "load" and not explicit:
+    config.option.dist = "loadgroup"
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    if any(d and d[-1].scope == "module" for d in defs.values()):
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+  rank = {name: i for i, name in enumerate(LONG_MODULES)}
+  items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: order within a module is kept
