@@ -75,16 +75,11 @@ LONG_MODULES = ("test_notebook.py", "test_multistage_training.py", "test_evaluat
                 "test_multihost.py", "test_latents.py", "test_benchmarks.py", "test_train.py")
 
 
-def pytest_configure(config):
-  # xdist's default "load" hands tests out one by one, alternating workers: both workers then built every
-  # module-scoped fixture (training runs of 1-2.5 min) at the same time. "loadgroup" keeps each xdist_group
-  # (below: the tests that share a module-scoped fixture) on one worker and balances the rest as "load".
-  explicit = any(a == "--dist" or a.startswith("--dist=") or a == "-d" for a in config.invocation_params.args)
-  if getattr(config.option, "dist", None) == "load" and not explicit:
-    config.option.dist = "loadgroup"
-
-
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+  # For `--dist loadgroup` (the README's command): the tests that share a module-scoped fixture (training
+  # runs of 1-2.5 min) form one group, run by one worker, so the fixture is built once. Under plain
+  # "load" xdist alternates tests between workers and both built every such fixture at the same time.
   for item in items:
     defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
     if any(d and d[-1].scope == "module" for d in defs.values()):

@@ -1,7 +1,7 @@
 """Assembles docs/RELIABILITY.md from the rows a test run recorded (tests/reliability.py), or checks it.
 
   # regenerate (any test run with the variable set records rows; xdist is fine)
-  PATCH_DIFFUSION_RELIABILITY_ROWS=/tmp/rows python -m pytest -q -n 2 tests/test_bad_input.py \
+  PATCH_DIFFUSION_RELIABILITY_ROWS=/tmp/rows python -m pytest -q -n 2 --dist loadgroup tests/test_bad_input.py \
       tests/test_checkpointing.py tests/test_run_lock.py tests/test_crash_safety.py
   python tests/reliability_doc.py --rows /tmp/rows --write docs/RELIABILITY.md
   # CI: fail when the committed document is not what this run observed
@@ -24,7 +24,7 @@ INTRO = """# Reliability: bad input, damaged checkpoints, interrupts
 Generated from the rows that the tests record (`tests/reliability.py`); do not edit by hand. `.ci/run`
 fails when this file differs from what its own test run observed. Regenerate with:
 
-    PATCH_DIFFUSION_RELIABILITY_ROWS=/tmp/rows python -m pytest -q -n 2 tests
+    PATCH_DIFFUSION_RELIABILITY_ROWS=/tmp/rows python -m pytest -q -n 2 --dist loadgroup tests
     python tests/reliability_doc.py --rows /tmp/rows --write docs/RELIABILITY.md
 
 Each row is one test case: what the input was, what the project promises, and the message or handling
