@@ -85,6 +85,31 @@ def test_conv_gradients_written_as_nhwc_convolutions_equal_autodiff(hw, k, paddi
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("taps, padding", [((1, 3, 3, 1), 1), ((1, 3, 3, 1), 0), ((1, 2, 1), 1), ((1, 1), 1)])
+def test_fir_resampling_on_cpu_is_elementwise_and_equals_the_grouped_convolution(taps, padding):
+  """On CPU, FIR up/downsampling (NCSN++'s [1,3,3,1]) runs as separable shifted slices, not as XLA:CPU's
+  slow grouped convolution: same values and gradients as EDM's grouped (transposed) convolution, odd
+  sizes included, and neither the function nor its gradient compiles to a convolution."""
+  assert jax.default_backend() == "cpu"
+  rng = np.random.default_rng(3)
+  f2d = layers.resample_filter_2d(taps)
+  k = len(taps)
+  cases = [(layers.downsample, lambda x: layers._depthwise(x, f2d, stride=2, padding=padding)),
+           (layers.upsample, lambda x: layers._depthwise(x, (4 * f2d)[::-1, ::-1].copy(), stride=1,
+                                                         padding=k - 1 - padding, lhs_dilation=2))]
+  for hw in ((8, 8), (7, 9)):
+    x = jnp.asarray(rng.standard_normal((2, *hw, 3)), jnp.float32)
+    for fn, grouped_conv in cases:
+      ours = fn(x, taps, padding)
+      ref = grouped_conv(x)
+      assert ours.shape == ref.shape
+      np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+      w = jnp.asarray(rng.standard_normal(ref.shape), jnp.float32)
+      grad = jax.jit(jax.grad(lambda x: (fn(x, taps, padding) * w).sum()))
+      np.testing.assert_allclose(grad(x), jax.grad(lambda x: (grouped_conv(x) * w).sum())(x), rtol=1e-5, atol=1e-6)
+      assert "convolution(" not in grad.lower(x).compile().as_text()
+
+
 def test_forward_mode_autodiff_through_conv_after_switching_the_cpu_gradients_off(monkeypatch):
   x, kernel = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 2))
   with pytest.raises(TypeError, match="custom_vjp"):
