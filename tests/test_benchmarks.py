@@ -10,9 +10,7 @@ import os
 import subprocess
 import sys
 
-import jax
-
-from patch_diffusion import experiment, models
+from patch_diffusion import experiment
 from patch_diffusion import state as state_lib
 from helpers import tiny
 
@@ -46,8 +44,7 @@ def test_vs_pytorch_times_every_patch_size_without_the_official_code(tmp_path):
 
 def _param_count(config) -> int:
   exp = experiment.build_experiment(config, check_data=False)
-  shapes = jax.eval_shape(lambda k: models.init_params(exp.model, k), jax.random.key(0))
-  return state_lib.param_count(shapes["params"])
+  return state_lib.param_count(experiment.abstract_train_state(exp).params)
 
 
 def test_demo_network_has_the_official_networks_parameter_count():

@@ -174,9 +174,9 @@ def downsample(x: Array, taps: Sequence[float], padding: int) -> Array:
     # grouped convolution on accelerators.
     n, _, _, c = x.shape
     return x.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
-  f = np.asarray(taps, np.float64)
   if jax.default_backend() == "cpu":
-    return _separable_fir(x, f / f.sum(), stride=2, padding=padding)
+    t = np.asarray(taps, np.float64)
+    return _separable_fir(x, t / t.sum(), stride=2, padding=padding)
   return _depthwise(x, resample_filter_2d(taps), stride=2, padding=padding)
 
 
