@@ -11,15 +11,29 @@ unconditionally.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any, Mapping, Optional
 
 import numpy as np
-import tensorboardX
-from tensorboardX import record_writer
 
 from patch_diffusion import fileio
 from patch_diffusion import image_grid
+
+# tensorboardX's writer module tries `import torch` at import time (only to accept torch tensors, which this
+# project never logs): with torch installed that import costs 2.5-3.5 s of every run's start-up on a 2-core
+# CPU. It is hidden for the duration of tensorboardX's import (a None entry in sys.modules makes the import
+# raise ImportError, which tensorboardX handles) unless torch is already loaded; later `import torch`
+# statements, e.g. in a notebook, load it as usual.
+_HIDE_TORCH = "torch" not in sys.modules
+if _HIDE_TORCH:
+  sys.modules["torch"] = None  # type: ignore[assignment]
+try:
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+finally:
+  if _HIDE_TORCH and sys.modules.get("torch", 0) is None:
+    del sys.modules["torch"]
 
 
 class _EpathRecordFiles:

@@ -270,3 +270,29 @@ def test_training_refuses_a_damaged_checkpoint_and_can_skip_it(tmp_path):
   result = train.train_and_evaluate(cfg(3, **{"train.skip_damaged_checkpoints": True}), str(workdir))
   assert result["resumed_from"] == 1 and result["step"] == 3
   assert checkpointing.verify(workdir / "checkpoints" / "3").status == "verified"
+
+
+def test_single_process_save_of_replicated_arrays_compiles_nothing(tmp_path):
+  # Orbax's default replica-parallel saving slices every replicated array per replica, compiling an XLA
+  # program per shape (11 s on the first save of the quickstart's state); one process writes them whole.
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=g-import-not-at-top
+
+  replicated = NamedSharding(jax.make_mesh((jax.device_count(),), ("data",)), PartitionSpec())
+  assert jax.device_count() == 8 and jax.process_count() == 1
+  # Shapes no other test saves: nothing of theirs is in JAX's in-memory compilation cache.
+  tree = {f"w{i}": jax.device_put(jnp.full((7 + i, 13), float(i)), replicated) for i in range(6)}
+  like = state_lib.create_train_state({"params": tree}, optax.scale_by_adam())
+  compiled = []
+  listener = lambda event, duration, **kwargs: compiled.append(event) if "backend_compile" in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(1, like, {"step": 1})
+    ckpt.wait()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiled == []
+  restored, meta = ckpt.restore(like)
+  ckpt.close()
+  assert meta["step"] == 1 and _same(restored, like)
+  assert all(x.sharding.is_equivalent_to(replicated, x.ndim) for x in jax.tree.leaves(restored.params))

@@ -53,9 +53,25 @@ def test_digits_offline_1797_examples():
 def test_digits_values_follow_sklearn():
   from sklearn import datasets as sk  # pylint: disable=g-import-not-at-top
 
-  raw = sk.load_digits().images[7]
+  reference = sk.load_digits()
+  images, labels = datasets.load_sklearn_digits()  # read from scikit-learn's file without importing it
+  np.testing.assert_array_equal(images, reference.images)
+  np.testing.assert_array_equal(labels, reference.target)
   source, _ = datasets.get_data_source(_cfg(name="digits", resolution=8, num_channels=1))
-  np.testing.assert_array_equal(source[7]["image"][..., 0], np.round(raw * 255 / 16).astype(np.uint8))
+  np.testing.assert_array_equal(source[7]["image"][..., 0], np.round(reference.images[7] * 255 / 16).astype(np.uint8))
+  assert [source[i]["label"] for i in range(5)] == list(reference.target[:5])
+
+
+def test_digits_load_without_importing_sklearn():
+  # scikit-learn's import costs ≈2 s of every demo start; the embedded data is a CSV inside it.
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  code = ("import sys\nfrom patch_diffusion.data import datasets\n"
+          "images, labels = datasets.load_sklearn_digits()\n"
+          "print(images.shape, labels.shape, 'sklearn' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+  assert out.stdout.split() == ["(1797,", "8,", "8)", "(1797,)", "False"]
 
 
 def test_tfds_celeb_a_on_disk(tfds_dir):

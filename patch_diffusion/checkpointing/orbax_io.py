@@ -13,6 +13,7 @@ checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -80,6 +81,27 @@ def _shared_verdict(folder: epath.Path) -> manifest_lib.Verdict:
   return manifest_lib.Verdict.from_json(shared)
 
 
+def _write_replicated_arrays_from_one_process() -> None:
+  """Single-process runs: Orbax writes each replicated array whole instead of replica-parallel.
+
+  Replica-parallel saving splits every replicated array into one slice per replica so that several
+  *hosts* can write it together; Orbax turns it on by default except on GPUs. With one process there is no
+  other host to share the writing, and the slicing compiles a small XLA program per array shape and device
+  count, in every new process: on 8 CPU devices the first save of the quickstart's TrainState (tiny
+  network, 570 arrays) blocked training for 11.2 s, against 0.6 s without (570 arrays of distinct shapes:
+  98 s against 0.6 s). Multi-process runs keep Orbax's default.
+  The handler is registered process-wide (Orbax keeps one registry). The format is unchanged (the data is
+  stored in fewer chunks); checkpoints written either way restore either way.
+  """
+  if jax.process_count() != 1:
+    return
+  default = ocp.type_handlers.get_type_handler(jax.Array)
+  if type(default) is ocp.type_handlers.ArrayHandler and getattr(default, "_use_replica_parallel", False):
+    single = copy.copy(default)  # keeps the default's array-metadata store and other settings
+    single._use_replica_parallel = False  # pylint: disable=protected-access
+    ocp.type_handlers.register_type_handler(jax.Array, single, override=True)
+
+
 class Checkpointer:
   """Async Orbax checkpoints of the training state plus JSON metadata and a manifest, keep-last-K."""
 
@@ -87,6 +109,7 @@ class Checkpointer:
     self.directory = _absolute(directory)
     if jax.process_index() == 0:
       ensure_writable(self.directory)
+    _write_replicated_arrays_from_one_process()
     self._saving: Optional[int] = None  # the step whose async save is in flight
     self._last_seal_seconds = 0.0
     options = ocp.CheckpointManagerOptions(
