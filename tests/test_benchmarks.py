@@ -15,12 +15,16 @@ from patch_diffusion import state as state_lib
 from helpers import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The smoke test's network: the tiny config at one level without attention (the same three patch sizes;
+#: a third of the compile time of the two-level one, which made this the suite's slowest test).
+ONE_LEVEL = {"model.channel_mult": "(1,)", "model.attn_resolutions": "()"}
 
 
 def test_vs_pytorch_times_every_patch_size_without_the_official_code(tmp_path):
   out = tmp_path / "vs.json"
   proc = subprocess.run(
       [sys.executable, "benchmarks/vs_pytorch.py", "--config", "configs/tiny_test.py", "--set", "train.batch_size=8",
+       *[arg for k, v in ONE_LEVEL.items() for arg in ("--set", f"{k}={v}")],
        "--official_dir", str(tmp_path / "absent"), "--rounds", "1", "--steps", "1", "--warmup", "1", "--no_sample",
        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900,
       env={k: v for k, v in os.environ.items() if k != "PD_OFFICIAL_DIR"})
@@ -30,12 +34,11 @@ def test_vs_pytorch_times_every_patch_size_without_the_official_code(tmp_path):
   assert [r["patch"] for r in result["rows"]] == [4, 8, 16]
   assert all(r["ours_ms"] > 0 and r.get("theirs_ms") is None for r in result["rows"])
   # The benchmark's network is the config's: its parameter count, from shapes alone.
-  assert result["setup"]["ours"]["params"] == _param_count(tiny()) > 0
+  assert result["setup"]["ours"]["params"] == _param_count(tiny(**ONE_LEVEL)) > 0
   # The ceiling: XLA's FLOP count grows with the patch size (4x the pixels per image, batch / 2 each step
-  # up: ~2x per size on the demo network), and a same-window matmul peak is measured.
+  # up: ~2x per size), and a same-window matmul peak is measured.
   gflop = [r["gflop"] for r in result["rows"]]
-  # (1.4x from patch 4 to 8 on the tiny network: its per-image embedding layers weigh more at batch 32.)
-  assert 1.2 < gflop[1] / gflop[0] < 2.5 and 1.5 < gflop[2] / gflop[1] < 2.5, gflop
+  assert 1.5 < gflop[1] / gflop[0] < 2.5 and 1.5 < gflop[2] / gflop[1] < 2.5, gflop
   assert all(r["ours_gflops_per_s"] > 0 for r in result["rows"])
   assert result["matmul_peak_gflops_per_s"]["ours"] > 1
   assert result["mixed"]["gflop"] > 0 and "ratio" not in result["mixed"]
