@@ -22,9 +22,13 @@ from patch_diffusion.edm import sampler as sampler_lib
 R = 16
 
 
-def _setup(num_classes=0, augment_dim=0, channels=1, tx=None):
+def _setup(num_classes=0, augment_dim=0, channels=1, tx=None, levels=1):
   c = tiny_test.get_config()
   c.model.augment_dim = augment_dim
+  if levels == 1:
+    # What these tests check (accumulation, augmentation, sharding) does not depend on the depth: one level
+    # without attention compiles in about half the time of the tiny config's two.
+    c.model.channel_mult, c.model.attn_resolutions = (1,), ()
   model = models.create_model(c.model, img_resolution=R, img_channels=channels, label_dim=num_classes)
   variables = models.init_params(model, jax.random.key(0))
   # EDM zero-initialises the output layer, so at init every other layer has a zero gradient: perturb all
@@ -121,7 +125,7 @@ def test_accumulation_loop_runs_every_convolution_in_nhwc_order():
   loops; inside the accumulation ``scan`` autodiff's gradient convolutions ran as naive loop nests (33×
   slower steps). layers._conv writes its gradients in that order itself: the compiled k = 2 step has a
   loop and no convolution of another order."""
-  model, tx, state, precond, noise = _setup()
+  model, tx, state, precond, noise = _setup(levels=2)  # with down/upsampling and attention
   cfg = steps_lib.StepConfig(patch_size=16, resolution=R, grad_accum_steps=2)
   step = steps_lib.make_train_step(model.apply, tx, precond, noise, cfg)
   hlo = jax.jit(step).lower(state, _batch(8), np.float32(1e-3), np.float32(0.9), jax.random.key(7)).compile().as_text()
