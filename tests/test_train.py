@@ -16,13 +16,13 @@ from patch_diffusion import steps as steps_lib
 from patch_diffusion import train
 from patch_diffusion.edm import precond as precond_lib
 from patch_diffusion.data import datasets
-from helpers import read_jsonl, restore_checkpoint, steps_to_kimg, tiny
+from helpers import ONE_LEVEL, read_jsonl, restore_checkpoint, steps_to_kimg, tiny
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-  """6 steps of the tiny digits config with a log line per step."""
-  c = tiny(**{"train.log_every_steps": 1})
+  """6 steps of the tiny digits config (one level) with a log line per step."""
+  c = tiny(**ONE_LEVEL, **{"train.log_every_steps": 1})
   c.train.total_kimg = steps_to_kimg(c, 6)
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   result = train.train_and_evaluate(c, workdir)
@@ -50,7 +50,7 @@ def test_run_writes_logs_checkpoints_and_follows_schedule(uninterrupted):
 def test_interrupted_and_resumed_run_matches_uninterrupted(uninterrupted, tmp_path):
   c, workdir, _ = uninterrupted
   resumed_dir = str(tmp_path)
-  first = tiny(**{"train.log_every_steps": 1})
+  first = tiny(**ONE_LEVEL, **{"train.log_every_steps": 1})
   first.train.total_kimg = steps_to_kimg(first, 3)
   first_result = train.train_and_evaluate(first, resumed_dir)  # stops after step 3 (final checkpoint)
   assert first_result["step"] == 3 and first_result["resumed_from"] is None
@@ -92,7 +92,7 @@ def _one_step(config, devices, batch, state_host):
 
 
 def test_sharded_step_equals_single_device_step():
-  c = tiny()
+  c = tiny(**ONE_LEVEL)
   exp = experiment.build_experiment(c)
   state = jax.device_get(state_lib.create_train_state(exp.init_variables(jax.random.key(0)), exp.tx))
   rng = np.random.default_rng(0)
@@ -108,8 +108,8 @@ def test_sharded_step_equals_single_device_step():
 
 
 def test_mock_celeb_a_trains_on_8_devices(tmp_path):
-  c = tiny(**{"data.name": "celeb_a", "data.num_channels": 3, "data.data_dir": str(tmp_path / "nodata"),
-              "patch.real_p": 1.0})
+  c = tiny(**ONE_LEVEL, **{"data.name": "celeb_a", "data.num_channels": 3,
+                           "data.data_dir": str(tmp_path / "nodata"), "patch.real_p": 1.0})
   c.train.total_kimg = steps_to_kimg(c, 2)
   with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
     result = train.train_and_evaluate(c, str(tmp_path / "run"))
