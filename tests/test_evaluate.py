@@ -29,8 +29,10 @@ REF_IMAGES = 32
 
 
 def eval_config(data_dir, **eval_overrides):
-  """Tiny digits, full-size steps only (one train executable), 2 steps, end-of-training eval."""
+  """Tiny digits at one level, full-size steps only (one train executable), 2 steps, end-of-training
+  eval."""
   c = tiny_test.get_config()
+  c.model.channel_mult, c.model.attn_resolutions = (1,), ()  # the evaluator does not care how deep
   c.patch.real_p = 1.0
   sched = patches.PatchSchedule(c.data.resolution, c.patch.schedule, c.patch.real_p, c.patch.latent)
   c.train.total_kimg = 1.5 * c.train.batch_size * sched.average_batch_mul / 1000  # exactly 2 steps
