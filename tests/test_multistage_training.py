@@ -29,7 +29,7 @@ from patch_diffusion.edm import precond as precond_lib
 from patch_diffusion.edm import sampler as sampler_lib
 from patch_diffusion.edm import stages as stages_lib
 from patch_diffusion.models import create_model, init_params, stage_of_sigma
-from helpers import read_jsonl, restore_checkpoint, steps_to_kimg, tiny
+from helpers import ONE_LEVEL, read_jsonl, restore_checkpoint, steps_to_kimg, tiny
 
 DEFAULT_BOUNDARIES = (2.5103, 7.6577)
 #: Boundaries for the tiny runs: stages of probability 0.50 / 0.34 / 0.16 under EDM's log-normal, so a
@@ -39,8 +39,10 @@ R = 16
 
 
 def tiny_multistage(**overrides):
-  """The tiny test config as a 3-stage network (encoder 16, decoders 16/16/8), one patch size."""
-  return tiny(**{"model.arch": "ddpmpp-multistage", "model.decoder_channels": (16, 16, 8),
+  """The tiny test config as a one-level 3-stage network (encoder 16, decoders 16/16/8), one patch size:
+  three decoders make every executable three times the size, and these tests check which decoder trains
+  and samples, not the depth (the two-level network is checked against the authors' in test_multistage)."""
+  return tiny(**{**ONE_LEVEL, "model.arch": "ddpmpp-multistage", "model.decoder_channels": (16, 16, 8),
                  "model.stage_boundaries": TINY_BOUNDARIES, "patch.real_p": 1.0, **overrides})
 
 
