@@ -12,15 +12,14 @@ import sys
 
 from patch_diffusion import experiment
 from patch_diffusion import state as state_lib
-from helpers import tiny
+from helpers import ONE_LEVEL, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-#: The smoke test's network: the tiny config at one level without attention (the same three patch sizes;
-#: a third of the compile time of the two-level one, which made this the suite's slowest test).
-ONE_LEVEL = {"model.channel_mult": "(1,)", "model.attn_resolutions": "()"}
 
 
 def test_vs_pytorch_times_every_patch_size_without_the_official_code(tmp_path):
+  # The one-level tiny network (the same three patch sizes): a third of the two-level one's compile time,
+  # which made this the suite's slowest test.
   out = tmp_path / "vs.json"
   proc = subprocess.run(
       [sys.executable, "benchmarks/vs_pytorch.py", "--config", "configs/tiny_test.py", "--set", "train.batch_size=8",

@@ -13,7 +13,6 @@ import pathlib
 import numpy as np
 import pytest
 
-from configs import tiny_test
 from patch_diffusion import experiment
 from patch_diffusion import sampling
 from patch_diffusion import train
@@ -21,7 +20,7 @@ from patch_diffusion.data import patches
 from patch_diffusion.evaluation import inception_weights
 from patch_diffusion import evaluate
 from patch_diffusion.evaluation import fid as fid_metrics
-from helpers import read_jsonl
+from helpers import ONE_LEVEL, read_jsonl, tiny
 
 NUM_SAMPLES = 20
 BATCH = 8
@@ -31,8 +30,7 @@ REF_IMAGES = 32
 def eval_config(data_dir, **eval_overrides):
   """Tiny digits at one level, full-size steps only (one train executable), 2 steps, end-of-training
   eval."""
-  c = tiny_test.get_config()
-  c.model.channel_mult, c.model.attn_resolutions = (1,), ()  # the evaluator does not care how deep
+  c = tiny(**ONE_LEVEL)  # the evaluator does not care how deep
   c.patch.real_p = 1.0
   sched = patches.PatchSchedule(c.data.resolution, c.patch.schedule, c.patch.real_p, c.patch.latent)
   c.train.total_kimg = 1.5 * c.train.batch_size * sched.average_batch_mul / 1000  # exactly 2 steps

@@ -7,7 +7,6 @@ import numpy as np
 import optax
 import pytest
 
-from configs import tiny_test
 from patch_diffusion import models
 from patch_diffusion import parallel
 from patch_diffusion import state as state_lib
@@ -18,17 +17,15 @@ from patch_diffusion.data import patches as patches_lib
 from patch_diffusion.edm import loss as loss_lib
 from patch_diffusion.edm import precond as precond_lib
 from patch_diffusion.edm import sampler as sampler_lib
+from helpers import ONE_LEVEL, tiny
 
 R = 16
 
 
 def _setup(num_classes=0, augment_dim=0, channels=1, tx=None, levels=1):
-  c = tiny_test.get_config()
-  c.model.augment_dim = augment_dim
-  if levels == 1:
-    # What these tests check (accumulation, augmentation, sharding) does not depend on the depth: one level
-    # without attention compiles in about half the time of the tiny config's two.
-    c.model.channel_mult, c.model.attn_resolutions = (1,), ()
+  # What these tests check (accumulation, augmentation, sharding) does not depend on the depth: one level
+  # without attention compiles in about half the time of the tiny config's two.
+  c = tiny(**(ONE_LEVEL if levels == 1 else {}), **{"model.augment_dim": augment_dim})
   model = models.create_model(c.model, img_resolution=R, img_channels=channels, label_dim=num_classes)
   variables = models.init_params(model, jax.random.key(0))
   # EDM zero-initialises the output layer, so at init every other layer has a zero gradient: perturb all
@@ -170,7 +167,7 @@ def test_accumulation_must_divide_the_batch():
 @pytest.mark.parametrize("value,match", [(3, "train.grad_accum_steps = 3: must divide train.batch_size = 16"),
                                          (0, "train.grad_accum_steps = 0: must be > 0")])
 def test_grad_accum_config_validation(value, match):
-  c = tiny_test.get_config()  # batch 16
+  c = tiny()  # batch 16
   for ok in (1, 2, 4, 16):
     c.train.grad_accum_steps = ok
     validate_config(c)
