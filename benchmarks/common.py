@@ -64,11 +64,36 @@ def matmul_peak(n: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
   return 2 * n**3 * len(devices) / t
 
 
+#: x86 vector extensions, widest first: which one the host has decides how fast XLA's and PyTorch's CPU
+#: kernels are relative to each other (README "Side by side": the demo step is at parity with PyTorch on
+#: an AVX2 EPYC and 1.5x slower on an AVX-512 Xeon), so every result records it.
+_VECTOR_ISAS = ("avx512f", "avx2", "avx", "sse4_2")
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> dict:
+  """The host CPU as ``/proc/cpuinfo`` names it: ``processor`` (model name), ``vector_isa`` (widest of
+  :data:`_VECTOR_ISAS` the flags list, or None) and ``amx`` (AMX tile instructions present). Empty values
+  where the file is missing (not Linux)."""
+  model, flags = "", set()
+  try:
+    with open(cpuinfo) as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+          model = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  return {"processor": model, "vector_isa": next((isa for isa in _VECTOR_ISAS if isa in flags), None),
+          "amx": "amx_tile" in flags}
+
+
 def machine() -> dict:
   dev = jax.devices()[0]
   return {"platform": dev.platform, "device_kind": dev.device_kind, "num_devices": jax.device_count(),
-          "cpu_count": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-          "host": platform.node()}
+          "cpu_count": os.cpu_count(), **cpu_description(), "python": platform.python_version(),
+          "jax": jax.__version__, "host": platform.node()}
 
 
 def write_json(path: str, payload: dict) -> str:

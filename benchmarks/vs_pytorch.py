@@ -422,19 +422,10 @@ def run(args) -> dict:
 
 def _machine() -> dict:
   import platform  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, HERE)
+  import common  # pylint: disable=g-import-not-at-top
   return {"cpu_count": os.cpu_count(), "python": platform.python_version(), "host": platform.node(),
-          "processor": _cpu_model()}
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return ""
+          **common.cpu_description()}
 
 
 def _git_head(path: str | None) -> str | None:

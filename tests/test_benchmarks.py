@@ -42,6 +42,28 @@ def test_vs_pytorch_times_every_patch_size_without_the_official_code(tmp_path):
   assert result["matmul_peak_gflops_per_s"]["ours"] > 1
   assert result["mixed"]["gflop"] > 0 and "ratio" not in result["mixed"]
   assert "dense float32 matmul 2048x2048" in proc.stdout
+  # The CPU is recorded with its vector extensions (they decide the ratio to PyTorch: README).
+  assert set(result["machine"]) >= {"processor", "vector_isa", "amx"}
+  assert result["machine"]["vector_isa"] == _common().cpu_description()["vector_isa"]
+
+
+def _common():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import common  # pylint: disable=g-import-not-at-top
+  return common
+
+
+def test_cpu_description_reads_model_and_widest_vector_isa(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  core = ("processor\t: {n}\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+          "flags\t\t: fpu sse4_2 avx avx2 avx512f avx512bw amx_bf16 amx_tile\n\n")
+  cpuinfo.write_text(core.format(n=0) + core.format(n=1))
+  assert _common().cpu_description(str(cpuinfo)) == {
+      "processor": "Intel(R) Xeon(R) Processor", "vector_isa": "avx512f", "amx": True}
+  cpuinfo.write_text("model name\t: AMD EPYC 7B13\nflags\t\t: fpu sse4_2 avx avx2 fma\n")
+  assert _common().cpu_description(str(cpuinfo)) == {"processor": "AMD EPYC 7B13", "vector_isa": "avx2", "amx": False}
+  # Not Linux: nothing to read, nothing invented.
+  assert _common().cpu_description(str(tmp_path / "absent")) == {"processor": "", "vector_isa": None, "amx": False}
 
 
 def _param_count(config) -> int:
