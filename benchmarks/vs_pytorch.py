@@ -422,7 +422,8 @@ def run(args) -> dict:
 
 def _machine() -> dict:
   import platform  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, HERE)
+  if HERE not in sys.path:
+    sys.path.insert(0, HERE)
   import common  # pylint: disable=g-import-not-at-top
   return {"cpu_count": os.cpu_count(), "python": platform.python_version(), "host": platform.node(),
           **common.cpu_description()}

@@ -48,7 +48,9 @@ def test_vs_pytorch_times_every_patch_size_without_the_official_code(tmp_path):
 
 
 def _common():
-  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  """benchmarks/common.py (benchmarks/ is not a package: imported from its folder, as the scripts do)."""
+  if os.path.join(ROOT, "benchmarks") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
   import common  # pylint: disable=g-import-not-at-top
   return common
 
