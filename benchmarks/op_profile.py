@@ -40,7 +40,9 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 from patch_diffusion.tools import cli  # noqa: E402  pylint: disable=wrong-import-position
 
 # One instruction of an HLO text: `%name = f32[64,16,16,64]{3,2,1,0} opcode(...), ..., metadata={op_name="..."}`.
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)(?:\{[^}]*\})? ([\w\-]+)\(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+?)(?:\{[^}]*\})? ([\w\-]+)\(")
+#: Instructions whose trace events enclose other instructions' kernels: summing them would count twice.
+_CONTAINERS = ("while", "call", "conditional")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _FUSION_KIND = re.compile(r"kind=(k\w+)")
 #: The layer of instructions outside the network's modules.
@@ -171,6 +173,8 @@ def summarize(instructions: dict[str, dict], seconds: dict[str, float], calls: i
   rows = []
   for name, s in seconds.items():
     info = instructions[name]
+    if info["opcode"] in _CONTAINERS:
+      continue
     layer, backward = layer_of(info["op_name"])
     rows.append({"instruction": name, "ms": s / calls * 1e3, "kind": info["kind"], "shape": info["shape"],
                  "layer": layer, "pass": "" if layer == OUTSIDE else "backward" if backward else "forward"})

@@ -173,3 +173,22 @@ def test_op_profile_attributes_a_train_step_to_kernels_and_layers(tmp_path):
   bad = subprocess.run([sys.executable, "benchmarks/op_profile.py", "--config", "configs/tiny_test.py", "--patch", "5"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert bad.returncode == 1 and "--patch 5 is not in the config's patch schedule [4, 8, 16]" in bad.stdout + bad.stderr
+
+
+def test_op_profile_parses_tuple_shapes_and_does_not_count_loops_twice():
+  op_profile = _op_profile()
+  text = "\n".join([
+      "ENTRY %main (p: f32[4]) -> f32[4] {",
+      '  %while.3 = (s32[], u32[4]{0}, /*index=2*/f32[4]{0}) while(%tuple.1), condition=%c, body=%b, '
+      'metadata={op_name="jit(step)/while"}',
+      '  %add_fusion.2 = f32[4]{0} fusion(%p), kind=kLoop, calls=%fused_computation.2, '
+      'metadata={op_name="jit(step)/jvp(SongUNet)/enc_4x4_block0/norm0/add"}',
+      "}"])
+  instructions = op_profile.hlo_instructions(text)
+  assert instructions["while.3"]["opcode"] == "while" and instructions["while.3"]["shape"].startswith("(s32[]")
+  assert instructions["add_fusion.2"]["kind"] == "loop fusion"
+  # The loop's event spans the kernels inside it: only the kernel is summed.
+  result = op_profile.summarize(instructions, {"while.3": 0.5, "add_fusion.2": 0.2}, calls=2, wall_s=1.0, threads=1, top=5)
+  assert [r["instruction"] for r in result["instructions"]] == ["add_fusion.2"]
+  assert result["traced_ms"] == pytest.approx(100.0) and result["thread_ms"] == pytest.approx(500.0)
+  assert result["instructions"][0]["layer"] == "enc_4x4_block0/norm0"
