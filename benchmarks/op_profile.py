@@ -256,7 +256,8 @@ def run(config, patch: int | None, forward: bool, batch: int | None, steps: int,
   import jax  # pylint: disable=g-import-not-at-top
   exe, call, what = _executable(config, patch, forward, batch)
   med, _ = common.median_time(call, steps)
-  instructions = hlo_instructions(exe.as_text())
+  text = exe.as_text()
+  instructions = hlo_instructions(text)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       t0 = time.perf_counter()
@@ -267,7 +268,7 @@ def run(config, patch: int | None, forward: bool, batch: int | None, steps: int,
   # XLA:CPU's intra-op pool has one thread per core; elsewhere the "threads" are the device's.
   threads = os.cpu_count() if jax.default_backend() == "cpu" else 1
   result = summarize(instructions, seconds, steps, med * steps, threads, top)
-  convs = convolutions(exe.as_text(), instructions)
+  convs = convolutions(text, instructions)
   time_convolutions(convs)
   for c in convs:
     c["layer"], backward = layer_of(instructions[c["instruction"]]["op_name"])
